@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_server::storage::{
-    CausalityToken, DeleteRange, InsertOp, KeyRange, PollRange, ReadRange, Store, StorageConfig,
-    StorageError,
+    CausalityToken, DeleteRange, InsertOp, KeyRange, PollRange, ReadRange, StorageConfig,
+    StorageError, Store,
 };
 
 /// A started backend: the store, a config that names a missing bucket (or the backend's
@@ -76,41 +76,70 @@ async fn token_of(f: &Fixture, pk: &str, sk: &str) -> CausalityToken {
 
 pub async fn siblings_on_concurrent_insert(f: &Fixture) {
     let rows = &f.store.rows;
-    rows.insert_item("sib", "a", None, b"one".to_vec()).await.unwrap();
-    rows.insert_item("sib", "a", None, b"two".to_vec()).await.unwrap();
+    rows.insert_item("sib", "a", None, b"one".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("sib", "a", None, b"two".to_vec())
+        .await
+        .unwrap();
     let item = rows.read_item("sib", "a").await.unwrap().unwrap();
-    assert_eq!(sorted(item.values.clone()), vec![v("one"), v("two")], "[{}]", f.name);
+    assert_eq!(
+        sorted(item.values.clone()),
+        vec![v("one"), v("two")],
+        "[{}]",
+        f.name
+    );
 
     // Two writers that both read the same version and write: neither sees the other.
-    rows.insert_item("sib", "a", Some(&item.token), b"x".to_vec()).await.unwrap();
-    rows.insert_item("sib", "a", Some(&item.token), b"y".to_vec()).await.unwrap();
+    rows.insert_item("sib", "a", Some(&item.token), b"x".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("sib", "a", Some(&item.token), b"y".to_vec())
+        .await
+        .unwrap();
     let item = rows.read_item("sib", "a").await.unwrap().unwrap();
     assert_eq!(sorted(item.values), vec![v("x"), v("y")], "[{}]", f.name);
 }
 
 pub async fn supersede_with_token(f: &Fixture) {
     let rows = &f.store.rows;
-    rows.insert_item("sup", "k", None, b"1".to_vec()).await.unwrap();
-    rows.insert_item("sup", "k", None, b"2".to_vec()).await.unwrap();
+    rows.insert_item("sup", "k", None, b"1".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("sup", "k", None, b"2".to_vec())
+        .await
+        .unwrap();
     let t = token_of(f, "sup", "k").await;
-    rows.insert_item("sup", "k", Some(&t), b"3".to_vec()).await.unwrap();
+    rows.insert_item("sup", "k", Some(&t), b"3".to_vec())
+        .await
+        .unwrap();
     let item = rows.read_item("sup", "k").await.unwrap().unwrap();
     assert_eq!(item.values, vec![v("3")], "[{}]", f.name);
     assert_ne!(item.token, t, "[{}] a new version gets a new token", f.name);
     // An old token supersedes only what it saw: the value written after it survives.
-    rows.insert_item("sup", "k", Some(&t), b"4".to_vec()).await.unwrap();
+    rows.insert_item("sup", "k", Some(&t), b"4".to_vec())
+        .await
+        .unwrap();
     let item = rows.read_item("sup", "k").await.unwrap().unwrap();
     assert_eq!(sorted(item.values), vec![v("3"), v("4")], "[{}]", f.name);
 }
 
 pub async fn tombstones(f: &Fixture) {
     let rows = &f.store.rows;
-    rows.insert_item("tomb", "gone", None, b"v".to_vec()).await.unwrap();
-    rows.insert_item("tomb", "kept", None, b"v".to_vec()).await.unwrap();
+    rows.insert_item("tomb", "gone", None, b"v".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("tomb", "kept", None, b"v".to_vec())
+        .await
+        .unwrap();
     let t = token_of(f, "tomb", "gone").await;
     rows.delete_item("tomb", "gone", &t).await.unwrap();
     let after = rows.read_item("tomb", "gone").await.unwrap();
-    assert!(after.as_ref().is_none_or(|i| i.is_tombstone()), "[{}] deleted item reads as {after:?}", f.name);
+    assert!(
+        after.as_ref().is_none_or(|i| i.is_tombstone()),
+        "[{}] deleted item reads as {after:?}",
+        f.name
+    );
 
     let page = rows.read_range(ReadRange::partition("tomb")).await.unwrap();
     let keys: Vec<_> = page.items.iter().map(|i| i.sort_key.as_str()).collect();
@@ -123,16 +152,29 @@ pub async fn tombstones(f: &Fixture) {
         .await
         .unwrap();
     let gone = page.items.iter().find(|i| i.sort_key == "gone");
-    assert!(gone.is_some_and(|i| i.is_tombstone()), "[{}] tombstones on request: {page:?}", f.name);
+    assert!(
+        gone.is_some_and(|i| i.is_tombstone()),
+        "[{}] tombstones on request: {page:?}",
+        f.name
+    );
 
     // A delete concurrent with an insert keeps both: a tombstone beside the value.
     let t = token_of(f, "tomb", "kept").await;
-    rows.insert_item("tomb", "kept", Some(&t), b"new".to_vec()).await.unwrap();
+    rows.insert_item("tomb", "kept", Some(&t), b"new".to_vec())
+        .await
+        .unwrap();
     rows.delete_item("tomb", "kept", &t).await.unwrap();
     let item = rows.read_item("tomb", "kept").await.unwrap().unwrap();
-    assert_eq!(sorted(item.values.clone()), vec![None, v("new")], "[{}]", f.name);
+    assert_eq!(
+        sorted(item.values.clone()),
+        vec![None, v("new")],
+        "[{}]",
+        f.name
+    );
     // Inserting with the token of the tombstone resolves it.
-    rows.insert_item("tomb", "kept", Some(&item.token), b"final".to_vec()).await.unwrap();
+    rows.insert_item("tomb", "kept", Some(&item.token), b"final".to_vec())
+        .await
+        .unwrap();
     let item = rows.read_item("tomb", "kept").await.unwrap().unwrap();
     assert_eq!(item.values, vec![v("final")], "[{}]", f.name);
 }
@@ -208,7 +250,12 @@ pub async fn reverse_prefix_and_bounds(f: &Fixture) {
         }))
         .await
         .unwrap();
-    assert_eq!(keys(page), (100..110).map(|i| format!("{i:06}")).collect::<Vec<_>>(), "[{}] prefix", f.name);
+    assert_eq!(
+        keys(page),
+        (100..110).map(|i| format!("{i:06}")).collect::<Vec<_>>(),
+        "[{}] prefix",
+        f.name
+    );
 
     let page = rows
         .read_range(search(KeyRange {
@@ -218,7 +265,12 @@ pub async fn reverse_prefix_and_bounds(f: &Fixture) {
         }))
         .await
         .unwrap();
-    assert_eq!(keys(page), vec!["000010", "000011", "000012"], "[{}] start..end", f.name);
+    assert_eq!(
+        keys(page),
+        vec!["000010", "000011", "000012"],
+        "[{}] start..end",
+        f.name
+    );
 
     let page = rows
         .read_range(search(KeyRange {
@@ -229,7 +281,12 @@ pub async fn reverse_prefix_and_bounds(f: &Fixture) {
         }))
         .await
         .unwrap();
-    assert_eq!(keys(page), vec!["000013", "000012", "000011"], "[{}] reverse", f.name);
+    assert_eq!(
+        keys(page),
+        vec!["000013", "000012", "000011"],
+        "[{}] reverse",
+        f.name
+    );
 
     let page = rows
         .read_range(search(KeyRange {
@@ -241,14 +298,21 @@ pub async fn reverse_prefix_and_bounds(f: &Fixture) {
         .unwrap();
     assert!(page.more, "[{}]", f.name);
     assert_eq!(page.next_start.as_deref(), Some("000117"), "[{}]", f.name);
-    assert_eq!(keys(page), vec!["000119", "000118"], "[{}] reverse with limit", f.name);
+    assert_eq!(
+        keys(page),
+        vec!["000119", "000118"],
+        "[{}] reverse with limit",
+        f.name
+    );
 }
 
 pub async fn read_index_counts_partitions(f: &Fixture) {
     let rows = &f.store.rows;
     fill(f, "idx-a", 3).await;
     fill(f, "idx-b", 5).await;
-    rows.insert_item("idx-b", "000000", None, b"conflict".to_vec()).await.unwrap();
+    rows.insert_item("idx-b", "000000", None, b"conflict".to_vec())
+        .await
+        .unwrap();
     fill(f, "other", 1).await;
     // Garage updates the index asynchronously: wait for it to settle.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -267,10 +331,20 @@ pub async fn read_index_counts_partitions(f: &Fixture) {
             .collect();
         if got == vec![("idx-a", 3, 0, 3), ("idx-b", 5, 1, 6)] {
             let b = &page.partitions[1];
-            assert_eq!(b.bytes, (0..5).map(|i| format!("value {i}").len() as u64).sum::<u64>() + 8);
+            assert_eq!(
+                b.bytes,
+                (0..5)
+                    .map(|i| format!("value {i}").len() as u64)
+                    .sum::<u64>()
+                    + 8
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "[{}] index never settled: {got:?}", f.name);
+        assert!(
+            Instant::now() < deadline,
+            "[{}] index never settled: {got:?}",
+            f.name
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let page = rows
@@ -288,44 +362,79 @@ pub async fn read_index_counts_partitions(f: &Fixture) {
 
 pub async fn poll_item_wakes_on_change(f: &Fixture) {
     let rows = f.store.rows.clone();
-    rows.insert_item("poll", "p", None, b"before".to_vec()).await.unwrap();
+    rows.insert_item("poll", "p", None, b"before".to_vec())
+        .await
+        .unwrap();
     let t = token_of(f, "poll", "p").await;
     let waiter = {
         let rows = rows.clone();
         let t = t.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let r = rows.poll_item("poll", "p", &t, Duration::from_secs(30)).await;
+            let r = rows
+                .poll_item("poll", "p", &t, Duration::from_secs(30))
+                .await;
             (r, started.elapsed())
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    rows.insert_item("poll", "p", Some(&t), b"after".to_vec()).await.unwrap();
+    rows.insert_item("poll", "p", Some(&t), b"after".to_vec())
+        .await
+        .unwrap();
     let (r, waited) = waiter.await.unwrap();
-    let item = r.unwrap().expect("poll returns the new value, not a timeout");
+    let item = r
+        .unwrap()
+        .expect("poll returns the new value, not a timeout");
     assert_eq!(item.values, vec![v("after")], "[{}]", f.name);
     // Woken by the write, long before its 30 s timeout.
-    assert!(waited < Duration::from_secs(10), "[{}] woke after {waited:?}", f.name);
+    assert!(
+        waited < Duration::from_secs(10),
+        "[{}] woke after {waited:?}",
+        f.name
+    );
     // A poll with a stale token returns at once.
-    let r = rows.poll_item("poll", "p", &t, Duration::from_secs(30)).await.unwrap();
+    let r = rows
+        .poll_item("poll", "p", &t, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(r.map(|i| i.values), Some(vec![v("after")]), "[{}]", f.name);
 }
 
 pub async fn poll_item_times_out(f: &Fixture) {
     let rows = &f.store.rows;
-    rows.insert_item("poll-idle", "p", None, b"x".to_vec()).await.unwrap();
+    rows.insert_item("poll-idle", "p", None, b"x".to_vec())
+        .await
+        .unwrap();
     let t = token_of(f, "poll-idle", "p").await;
-    rows.insert_item("poll-idle", "other", None, b"noise".to_vec()).await.unwrap();
+    rows.insert_item("poll-idle", "other", None, b"noise".to_vec())
+        .await
+        .unwrap();
     let started = Instant::now();
-    let r = rows.poll_item("poll-idle", "p", &t, Duration::from_secs(1)).await.unwrap();
+    let r = rows
+        .poll_item("poll-idle", "p", &t, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(r, None, "[{}] nothing changed: timeout", f.name);
-    assert!(started.elapsed() >= Duration::from_millis(900), "[{}]", f.name);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "[{}]",
+        f.name
+    );
 }
 
 pub async fn poll_range_reports_changes_in_range(f: &Fixture) {
     let rows = f.store.rows.clone();
-    rows.insert_item("prange", "log/001", None, b"a".to_vec()).await.unwrap();
-    rows.insert_item("prange", "zzz", None, b"outside".to_vec()).await.unwrap();
+    rows.insert_item("prange", "log/001", None, b"a".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("prange", "zzz", None, b"outside".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("prange", "log/000", None, b"deleted".to_vec())
+        .await
+        .unwrap();
+    let t = token_of(f, "prange", "log/000").await;
+    rows.delete_item("prange", "log/000", &t).await.unwrap();
     let range = PollRange {
         prefix: Some("log/".into()),
         ..Default::default()
@@ -335,12 +444,26 @@ pub async fn poll_range_reports_changes_in_range(f: &Fixture) {
         .await
         .unwrap()
         .expect("without a marker the current items come back");
-    let keys: Vec<_> = first.items.iter().map(|i| i.sort_key.as_str()).collect();
-    assert_eq!(keys, vec!["log/001"], "[{}]", f.name);
+    let keys: Vec<_> = first
+        .items
+        .iter()
+        .map(|i| (i.sort_key.as_str(), i.is_tombstone()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![("log/000", true), ("log/001", false)],
+        "[{}] deletes included",
+        f.name
+    );
 
     // Nothing new: times out.
     let r = rows
-        .poll_range("prange", &range, Some(&first.seen_marker), Duration::from_secs(1))
+        .poll_range(
+            "prange",
+            &range,
+            Some(&first.seen_marker),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     assert!(r.is_none(), "[{}] {r:?}", f.name);
@@ -349,19 +472,38 @@ pub async fn poll_range_reports_changes_in_range(f: &Fixture) {
     let waiter = {
         let (rows, range) = (rows.clone(), range.clone());
         tokio::spawn(async move {
-            rows.poll_range("prange", &range, Some(&marker), Duration::from_secs(30)).await
+            rows.poll_range("prange", &range, Some(&marker), Duration::from_secs(30))
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    rows.insert_item("prange", "zzz", None, b"outside again".to_vec()).await.unwrap();
-    rows.insert_item("prange", "log/002", None, b"b".to_vec()).await.unwrap();
-    let changes = waiter.await.unwrap().unwrap().expect("woken by the write in range");
+    rows.insert_item("prange", "zzz", None, b"outside again".to_vec())
+        .await
+        .unwrap();
+    rows.insert_item("prange", "log/002", None, b"b".to_vec())
+        .await
+        .unwrap();
+    let changes = waiter
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("woken by the write in range");
     let keys: Vec<_> = changes.items.iter().map(|i| i.sort_key.as_str()).collect();
-    assert_eq!(keys, vec!["log/002"], "[{}] only the change in range", f.name);
+    assert_eq!(
+        keys,
+        vec!["log/002"],
+        "[{}] only the change in range",
+        f.name
+    );
 
     // The new marker covers that change.
     let r = rows
-        .poll_range("prange", &range, Some(&changes.seen_marker), Duration::from_secs(1))
+        .poll_range(
+            "prange",
+            &range,
+            Some(&changes.seen_marker),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     assert!(r.is_none(), "[{}] {r:?}", f.name);
@@ -408,7 +550,10 @@ pub async fn batch_operations(f: &Fixture) {
     assert_eq!(pages[1].items.len(), 1, "[{}]", f.name);
     assert_eq!(pages[1].items[0].values, vec![v("1b")], "[{}]", f.name);
     assert_eq!(pages[2].items.len(), 1, "[{}]", f.name);
-    assert_eq!(sorted(pages[2].items[0].values.clone()), vec![v("2a"), v("2a'")]);
+    assert_eq!(
+        sorted(pages[2].items[0].values.clone()),
+        vec![v("2a"), v("2a'")]
+    );
     assert!(pages[3].items.is_empty());
 
     // A batch insert carrying a token supersedes; one with `value: None` deletes.
@@ -428,9 +573,21 @@ pub async fn batch_operations(f: &Fixture) {
     ])
     .await
     .unwrap();
-    let page = rows.read_range(ReadRange::partition("batch-1")).await.unwrap();
-    let got: Vec<_> = page.items.iter().map(|i| (i.sort_key.as_str(), i.values.clone())).collect();
-    assert_eq!(got, vec![("a", vec![v("1a")]), ("b", vec![v("1b-new")])], "[{}]", f.name);
+    let page = rows
+        .read_range(ReadRange::partition("batch-1"))
+        .await
+        .unwrap();
+    let got: Vec<_> = page
+        .items
+        .iter()
+        .map(|i| (i.sort_key.as_str(), i.values.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("a", vec![v("1a")]), ("b", vec![v("1b-new")])],
+        "[{}]",
+        f.name
+    );
 
     let deleted = rows
         .delete_batch(vec![
@@ -459,29 +616,50 @@ pub async fn keys_with_awkward_characters(f: &Fixture) {
     let pk = "user/ä+b%20c?d=e&f#g";
     let sks = ["a b", "a+b", "a%2Fb", "a/b", "ключ", "?x=1&y", "#frag", ""];
     for sk in sks.iter().filter(|s| !s.is_empty()) {
-        rows.insert_item(pk, sk, None, sk.as_bytes().to_vec()).await.unwrap();
+        rows.insert_item(pk, sk, None, sk.as_bytes().to_vec())
+            .await
+            .unwrap();
     }
     for sk in sks.iter().filter(|s| !s.is_empty()) {
         let item = rows.read_item(pk, sk).await.unwrap();
-        assert_eq!(item.map(|i| i.values), Some(vec![Some(sk.as_bytes().to_vec())]), "[{}] {sk:?}", f.name);
+        assert_eq!(
+            item.map(|i| i.values),
+            Some(vec![Some(sk.as_bytes().to_vec())]),
+            "[{}] {sk:?}",
+            f.name
+        );
     }
     let page = rows.read_range(ReadRange::partition(pk)).await.unwrap();
     let got: BTreeSet<_> = page.items.iter().map(|i| i.sort_key.clone()).collect();
-    let want: BTreeSet<_> = sks.iter().filter(|s| !s.is_empty()).map(|s| s.to_string()).collect();
+    let want: BTreeSet<_> = sks
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(got, want, "[{}]", f.name);
     // Binary values of every byte survive.
     let all: Vec<u8> = (0..=255).collect();
-    rows.insert_item(pk, "bin", None, all.clone()).await.unwrap();
+    rows.insert_item(pk, "bin", None, all.clone())
+        .await
+        .unwrap();
     let item = rows.read_item(pk, "bin").await.unwrap().unwrap();
     assert_eq!(item.values, vec![Some(all)], "[{}]", f.name);
 }
 
 pub async fn malformed_token_is_an_error(f: &Fixture) {
     let rows = &f.store.rows;
-    rows.insert_item("badtok", "k", None, b"v".to_vec()).await.unwrap();
+    rows.insert_item("badtok", "k", None, b"v".to_vec())
+        .await
+        .unwrap();
     let bad = CausalityToken("definitely not a token".into());
-    let err = rows.insert_item("badtok", "k", Some(&bad), b"w".to_vec()).await;
-    assert!(err.is_err(), "[{}] a malformed token must be refused, got {err:?}", f.name);
+    let err = rows
+        .insert_item("badtok", "k", Some(&bad), b"w".to_vec())
+        .await;
+    assert!(
+        err.is_err(),
+        "[{}] a malformed token must be refused, got {err:?}",
+        f.name
+    );
     let item = rows.read_item("badtok", "k").await.unwrap().unwrap();
     assert_eq!(item.values, vec![v("v")], "[{}] nothing written", f.name);
 }
@@ -500,7 +678,11 @@ fn pattern(len: usize, seed: u64) -> Bytes {
 
 pub async fn blobs_of_0_1_and_20_mib_with_ranges(f: &Fixture) {
     let blobs = &f.store.blobs;
-    for (key, len) in [("b/empty", 0usize), ("b/one", 1), ("b/big", 20 * 1024 * 1024)] {
+    for (key, len) in [
+        ("b/empty", 0usize),
+        ("b/one", 1),
+        ("b/big", 20 * 1024 * 1024),
+    ] {
         let data = pattern(len, len as u64 + 7);
         // Feed the big one as many small pieces, as a network reader would.
         let pieces: Vec<tern_server::storage::Result<Bytes>> = data
@@ -515,28 +697,62 @@ pub async fn blobs_of_0_1_and_20_mib_with_ranges(f: &Fixture) {
         let read = blobs.get(key, None).await.unwrap();
         assert_eq!(read.size, len as u64);
         let back = read.bytes().await.unwrap();
-        assert!(back == data, "[{}] {key} round-trips ({} bytes back)", f.name, back.len());
-        assert_eq!(blobs.head(key).await.unwrap().map(|m| m.size), Some(len as u64));
+        assert!(
+            back == data,
+            "[{}] {key} round-trips ({} bytes back)",
+            f.name,
+            back.len()
+        );
+        assert_eq!(
+            blobs.head(key).await.unwrap().map(|m| m.size),
+            Some(len as u64)
+        );
         if len > 0 {
             let ranges = [0..1, (len as u64 - 1)..len as u64, 0..len as u64];
             for r in ranges {
                 let read = blobs.get(key, Some(r.clone())).await.unwrap();
-                assert_eq!(read.size, len as u64, "[{}] size is the whole object", f.name);
+                assert_eq!(
+                    read.size, len as u64,
+                    "[{}] size is the whole object",
+                    f.name
+                );
                 let got = read.bytes().await.unwrap();
-                assert!(got == data.slice(r.start as usize..r.end as usize), "[{}] {key} {r:?}", f.name);
+                assert!(
+                    got == data.slice(r.start as usize..r.end as usize),
+                    "[{}] {key} {r:?}",
+                    f.name
+                );
             }
         }
     }
     // Ranges inside the 20 MiB object, across the 8 MiB chunk boundary, and clamped at the end.
     let data = pattern(20 * 1024 * 1024, 20 * 1024 * 1024 + 7);
     let mib = 1024 * 1024u64;
-    for r in [(8 * mib - 10)..(8 * mib + 10), (5 * mib)..(17 * mib), (20 * mib - 3)..(20 * mib + 100)] {
-        let got = blobs.get("b/big", Some(r.clone())).await.unwrap().bytes().await.unwrap();
+    for r in [
+        (8 * mib - 10)..(8 * mib + 10),
+        (5 * mib)..(17 * mib),
+        (20 * mib - 3)..(20 * mib + 100),
+    ] {
+        let got = blobs
+            .get("b/big", Some(r.clone()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let end = r.end.min(20 * mib) as usize;
-        assert!(got == data.slice(r.start as usize..end), "[{}] {r:?}", f.name);
+        assert!(
+            got == data.slice(r.start as usize..end),
+            "[{}] {r:?}",
+            f.name
+        );
     }
     let err = blobs.get("b/one", Some(5..9)).await;
-    assert!(err.is_err(), "[{}] a range past the end is an error", f.name);
+    assert!(
+        err.is_err(),
+        "[{}] a range past the end is an error",
+        f.name
+    );
 }
 
 pub async fn blob_head_copy_list_delete(f: &Fixture) {
@@ -547,23 +763,48 @@ pub async fn blob_head_copy_list_delete(f: &Fixture) {
             .await
             .unwrap();
     }
-    blobs.put_bytes("list/b/0", Bytes::from_static(b"b")).await.unwrap();
-    blobs.put_bytes("list/ab", Bytes::from_static(b"ab")).await.unwrap();
+    blobs
+        .put_bytes("list/b/0", Bytes::from_static(b"b"))
+        .await
+        .unwrap();
+    blobs
+        .put_bytes("list/ab", Bytes::from_static(b"ab"))
+        .await
+        .unwrap();
     let page = blobs.list("list/a/", None).await.unwrap();
-    let got: Vec<_> = page.blobs.iter().map(|b| (b.key.as_str(), b.size)).collect();
+    let got: Vec<_> = page
+        .blobs
+        .iter()
+        .map(|b| (b.key.as_str(), b.size))
+        .collect();
     assert_eq!(
         got,
-        vec![("list/a/0", 1), ("list/a/1", 2), ("list/a/2", 3), ("list/a/3", 4), ("list/a/4", 5)],
+        vec![
+            ("list/a/0", 1),
+            ("list/a/1", 2),
+            ("list/a/2", 3),
+            ("list/a/3", 4),
+            ("list/a/4", 5)
+        ],
         "[{}]",
         f.name
     );
     assert_eq!(page.continuation, None);
 
     blobs.copy("list/a/4", "list/copy").await.unwrap();
-    assert_eq!(blobs.get_bytes("list/copy").await.unwrap(), Bytes::from(vec![b'x'; 5]));
+    assert_eq!(
+        blobs.get_bytes("list/copy").await.unwrap(),
+        Bytes::from(vec![b'x'; 5])
+    );
     // Overwrite replaces.
-    blobs.put_bytes("list/copy", Bytes::from_static(b"new")).await.unwrap();
-    assert_eq!(blobs.get_bytes("list/copy").await.unwrap(), Bytes::from_static(b"new"));
+    blobs
+        .put_bytes("list/copy", Bytes::from_static(b"new"))
+        .await
+        .unwrap();
+    assert_eq!(
+        blobs.get_bytes("list/copy").await.unwrap(),
+        Bytes::from_static(b"new")
+    );
 
     blobs.delete("list/a/0").await.unwrap();
     blobs.delete("list/a/0").await.unwrap(); // deleting twice is fine
@@ -574,7 +815,12 @@ pub async fn blob_head_copy_list_delete(f: &Fixture) {
 
 pub async fn missing_key_errors(f: &Fixture) {
     let rows = &f.store.rows;
-    assert_eq!(rows.read_item("nothing-here", "nope").await.unwrap(), None, "[{}]", f.name);
+    assert_eq!(
+        rows.read_item("nothing-here", "nope").await.unwrap(),
+        None,
+        "[{}]",
+        f.name
+    );
     let blobs = &f.store.blobs;
     match blobs.get("no/such/blob", None).await {
         Err(StorageError::NotFound(k)) => assert_eq!(k, "no/such/blob"),
@@ -582,7 +828,11 @@ pub async fn missing_key_errors(f: &Fixture) {
         Ok(_) => panic!("[{}] expected NotFound, got a body", f.name),
     }
     assert_eq!(blobs.head("no/such/blob").await.unwrap(), None);
-    assert!(blobs.copy("no/such/blob", "x").await.is_err(), "[{}]", f.name);
+    assert!(
+        blobs.copy("no/such/blob", "x").await.is_err(),
+        "[{}]",
+        f.name
+    );
 }
 
 pub async fn missing_bucket_errors(f: &Fixture) {
@@ -608,17 +858,28 @@ pub async fn many_concurrent_writers(f: &Fixture) {
         let rows = f.store.rows.clone();
         handles.push(tokio::spawn(async move {
             for i in 0..per_task {
-                rows.insert_item("conc", &format!("t{t}/{i:03}"), None, format!("{t}:{i}").into_bytes())
-                    .await?;
+                rows.insert_item(
+                    "conc",
+                    &format!("t{t}/{i:03}"),
+                    None,
+                    format!("{t}:{i}").into_bytes(),
+                )
+                .await?;
             }
             // Every task also writes blindly to one shared item: all of them must survive.
-            rows.insert_item("conc-shared", "x", None, format!("task {t}").into_bytes()).await?;
+            rows.insert_item("conc-shared", "x", None, format!("task {t}").into_bytes())
+                .await?;
             // And a read-modify-write chain on its own counter, which must end at `per_task`.
             for n in 1..=per_task {
                 let cur = rows.read_item("conc-count", &format!("t{t}")).await?;
                 let token = cur.map(|i| i.token);
-                rows.insert_item("conc-count", &format!("t{t}"), token.as_ref(), n.to_string().into_bytes())
-                    .await?;
+                rows.insert_item(
+                    "conc-count",
+                    &format!("t{t}"),
+                    token.as_ref(),
+                    n.to_string().into_bytes(),
+                )
+                .await?;
             }
             Ok::<_, StorageError>(())
         }));
@@ -649,10 +910,32 @@ pub async fn many_concurrent_writers(f: &Fixture) {
         start = page.next_start;
     }
     assert_eq!(count, tasks * per_task, "[{}] every write landed", f.name);
-    let shared = f.store.rows.read_item("conc-shared", "x").await.unwrap().unwrap();
-    assert_eq!(shared.values.len(), tasks, "[{}] one sibling per concurrent writer", f.name);
+    let shared = f
+        .store
+        .rows
+        .read_item("conc-shared", "x")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        shared.values.len(),
+        tasks,
+        "[{}] one sibling per concurrent writer",
+        f.name
+    );
     for t in 0..tasks {
-        let item = f.store.rows.read_item("conc-count", &format!("t{t}")).await.unwrap().unwrap();
-        assert_eq!(item.values, vec![Some(per_task.to_string().into_bytes())], "[{}]", f.name);
+        let item = f
+            .store
+            .rows
+            .read_item("conc-count", &format!("t{t}"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            item.values,
+            vec![Some(per_task.to_string().into_bytes())],
+            "[{}]",
+            f.name
+        );
     }
 }

@@ -214,10 +214,8 @@ pub fn key_in_range(
     end: Option<&str>,
     reverse: bool,
 ) -> bool {
-    if let Some(p) = prefix {
-        if !key.starts_with(p) {
-            return false;
-        }
+    if prefix.is_some_and(|p| !key.starts_with(p)) {
+        return false;
     }
     if reverse {
         start.is_none_or(|s| key <= s) && end.is_none_or(|e| key > e)

@@ -65,6 +65,9 @@ impl Counts {
     }
 }
 
+/// One write to apply: partition key, sort key, the context it supersedes, value (`None`: delete).
+type Write = (String, String, Option<Context>, Option<Vec<u8>>);
+
 /// The local row store. Cheap to clone; all clones share the database and the wake-ups.
 #[derive(Clone)]
 pub struct LocalRows {
@@ -134,10 +137,7 @@ impl LocalRows {
     }
 
     /// Applies writes in one durable transaction, then wakes pollers of the touched partitions.
-    async fn write(
-        &self,
-        ops: Vec<(String, String, Option<Context>, Option<Vec<u8>>)>,
-    ) -> Result<()> {
+    async fn write(&self, ops: Vec<Write>) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -493,10 +493,10 @@ impl RowStore for LocalRows {
             // Mark the current version seen before reading, so a write landing after the read
             // still wakes us.
             rx.borrow_and_update();
-            if let Some(d) = self.get(partition_key, sort_key).await? {
-                if d.has_news_for(&ctx) {
-                    return Ok(Some(to_item(sort_key, &d)));
-                }
+            if let Some(d) = self.get(partition_key, sort_key).await?
+                && d.has_news_for(&ctx)
+            {
+                return Ok(Some(to_item(sort_key, &d)));
             }
             tokio::select! {
                 changed = rx.changed() => {
@@ -543,7 +543,7 @@ impl RowStore for LocalRows {
     }
 }
 
-/// The items of `range` changed after sequence `since` (all items, tombstones excluded, when
+/// The items of `range` changed after sequence `since` (all items, tombstones included, when
 /// `since` is `None`), with the marker for the next call; `None` when nothing changed.
 fn changes_since(
     db: &Database,
@@ -578,9 +578,8 @@ fn changes_since(
                 limit: None,
                 reverse: false,
             };
-            let page = LocalRows::scan(&items, pk, &key_range, |d| {
-                d.values().iter().any(Option::is_some)
-            })?;
+            // Tombstones included, as Garage does: a poller learns of deletes too.
+            let page = LocalRows::scan(&items, pk, &key_range, |_| true)?;
             return Ok(Some(RangeChanges {
                 seen_marker: seq.to_string(),
                 items: page.items,
