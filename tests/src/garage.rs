@@ -296,20 +296,22 @@ metrics_token = "{metrics_token}"
                 );
             }
             // Connection refused until the admin listener is up; that is the normal case.
-            if let Ok(response) = http.get(&url).bearer_auth(token).send().await
-                && response.status().is_success()
-            {
-                let body: Value = response
-                    .json()
-                    .await
-                    .with_context(|| format!("GetNodeInfo of node {}: bad JSON", self.index))?;
-                return parse_self_node_info(&body)
-                    .with_context(|| format!("GetNodeInfo of node {}: {body}", self.index));
-            }
+            let last = match http.get(&url).bearer_auth(token).send().await {
+                Ok(response) if response.status().is_success() => {
+                    let body: Value = response
+                        .json()
+                        .await
+                        .with_context(|| format!("GetNodeInfo of node {}: bad JSON", self.index))?;
+                    return parse_self_node_info(&body)
+                        .with_context(|| format!("GetNodeInfo of node {}: {body}", self.index));
+                }
+                Ok(response) => format!("answered {}", response.status()),
+                Err(e) => format!("{e:#}"),
+            };
             if Instant::now() >= deadline {
                 bail!(
-                    "garage node {} did not answer on {} within {NODE_START_TIMEOUT:?}; \
-                     last lines of {}:\n{}",
+                    "garage node {} did not answer GetNodeInfo on {} within \
+                     {NODE_START_TIMEOUT:?} (last attempt: {last}); last lines of {}:\n{}",
                     self.index,
                     self.admin_endpoint,
                     self.log_path.display(),

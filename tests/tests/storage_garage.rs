@@ -179,6 +179,7 @@ async fn three_nodes_survive_one_down_and_report_quorum_loss() {
         .unwrap();
 
     g.stop_node(1).unwrap();
+    g.wait_node_down(1, Duration::from_secs(30)).await.unwrap();
     let err = store
         .rows
         .insert_item("q", "c", None, b"3".to_vec())

@@ -614,3 +614,29 @@ fn changes_since(
         items: out,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_corrupt_row_is_an_error_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("rows.redb")).unwrap());
+        let rows = LocalRows::open(db.clone()).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(ITEMS)
+            .unwrap()
+            .insert(("mbox", "op-7"), &[0xff_u8, 0xff, 0xff][..])
+            .unwrap();
+        txn.commit().unwrap();
+        let err = rows.read_item("mbox", "op-7").await.unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("mbox/op-7"), "{err}");
+        let err = rows
+            .read_range(ReadRange::partition("mbox"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("mbox/op-7"), "{err}");
+    }
+}
