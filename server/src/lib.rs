@@ -1,5 +1,8 @@
 //! Tern: a stateless IMAP + LMTP server whose state lives in Garage.
 //!
-//! Layers, each depending only on the ones below: `storage` (rows and blobs).
+//! Layers, each depending only on the ones below: `mail` (the mailbox model) → `log` (the causal
+//! log) → `storage` (rows and blobs).
 
+pub mod log;
+pub mod mail;
 pub mod storage;

@@ -1,0 +1,6 @@
+//! The mail model: what a mailbox looks like to a client, computed from its causal log.
+
+pub mod invariants;
+#[cfg(test)]
+mod sim;
+pub mod view;

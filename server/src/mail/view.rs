@@ -1,0 +1,236 @@
+//! What a client sees of a mailbox: UIDs, UIDNEXT, flags, MODSEQs, HIGHESTMODSEQ and the UIDs
+//! that vanished, as a deterministic function of the set of ops a server has read.
+//!
+//! Two servers that read the same ops show the same state, whatever order they read them in.
+//! For any two causally closed sets O ⊆ O' the state satisfies V1–V5 (docs/causal-log.md), and
+//! UIDVALIDITY never changes: concurrent appends are re-announced under fresh UIDs instead (an
+//! expunge plus a new message to the client, same OBJECTID).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::clock::{Dot, OpId, VersionVector};
+use crate::log::series::{self, Causal};
+
+/// OBJECTID of a message (RFC 8474 EMAILID): stable across renumbering.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MessageId(pub String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlagAction {
+    Add,
+    Remove,
+    Set,
+}
+
+/// A change to one mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MailOp {
+    /// A message appears (APPEND, delivery, the target side of COPY/MOVE). `uid_floor` is the
+    /// UIDNEXT of the writer's view: the UID the writer announced (APPENDUID).
+    Add {
+        msg: MessageId,
+        flags: BTreeSet<String>,
+        uid_floor: u64,
+    },
+    Flags {
+        msg: MessageId,
+        action: FlagAction,
+        flags: BTreeSet<String>,
+    },
+    /// EXPUNGE, or the source side of MOVE.
+    Expunge { msg: MessageId },
+}
+
+/// One entry of a mailbox's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogOp {
+    pub dot: Dot,
+    pub lamport: u64,
+    /// Everything the writer had seen of this mailbox when it wrote the op.
+    pub deps: VersionVector,
+    /// HIGHESTMODSEQ + 1 of the writer's view.
+    pub modseq_floor: u64,
+    pub op: MailOp,
+}
+
+impl LogOp {
+    pub fn id(&self) -> OpId {
+        OpId {
+            lamport: self.lamport,
+            writer: self.dot.writer,
+        }
+    }
+}
+
+impl Causal for &LogOp {
+    fn id(&self) -> OpId {
+        LogOp::id(self)
+    }
+    fn dot(&self) -> Dot {
+        self.dot
+    }
+    fn deps(&self) -> &VersionVector {
+        &self.deps
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageState {
+    pub id: MessageId,
+    pub flags: BTreeSet<String>,
+    pub modseq: u64,
+}
+
+/// UIDs that name nothing any more, with the MODSEQ at which they went (for QRESYNC VANISHED).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vanished {
+    pub first: u64,
+    pub last: u64,
+    pub modseq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxState {
+    pub uid_next: u64,
+    pub highest_modseq: u64,
+    /// Live messages by UID.
+    pub messages: BTreeMap<u64, MessageState>,
+    /// Expunged UIDs and UIDs retired by renumbering.
+    pub vanished: Vec<Vanished>,
+    /// Messages re-announced under a new UID in this view (concurrent appends).
+    pub renumbered: usize,
+}
+
+impl MailboxState {
+    /// The floors a writer records in its next op.
+    pub fn floors(&self) -> (u64, u64) {
+        (self.uid_next, self.highest_modseq + 1)
+    }
+
+    pub fn uid_of(&self, msg: &MessageId) -> Option<u64> {
+        self.messages
+            .iter()
+            .find(|(_, m)| &m.id == msg)
+            .map(|(&u, _)| u)
+    }
+}
+
+/// Computes the state of the view made of `ops` (a causally closed set, in any order).
+pub fn compute(ops: &[LogOp]) -> MailboxState {
+    let mut sorted: Vec<&LogOp> = ops.iter().collect();
+    sorted.sort_by_key(|o| o.id());
+
+    let modseqs = series::number(&sorted, |o| o.modseq_floor, 1);
+    let adds: Vec<&LogOp> = sorted
+        .iter()
+        .copied()
+        .filter(|o| matches!(o.op, MailOp::Add { .. }))
+        .collect();
+    let uid_floor = |o: &&LogOp| match &o.op {
+        MailOp::Add { uid_floor, .. } => *uid_floor,
+        _ => 0,
+    };
+    let uids = series::number(&adds, uid_floor, 1);
+    let modseq_of: BTreeMap<OpId, u64> = sorted
+        .iter()
+        .zip(&modseqs.numbers)
+        .map(|(o, &m)| (o.id(), m))
+        .collect();
+
+    struct Live {
+        uid: u64,
+        flags: BTreeSet<String>,
+        modseq: u64,
+        expunged: Option<u64>,
+    }
+    let mut by_msg: BTreeMap<&MessageId, Live> = BTreeMap::new();
+    let mut renumbered = 0;
+    for (o, &uid) in adds.iter().zip(&uids.numbers) {
+        if let MailOp::Add {
+            msg,
+            flags,
+            uid_floor,
+        } = &o.op
+        {
+            renumbered += usize::from(uid != *uid_floor);
+            // A second add of the same id (a retried write) is the same message: keep the first.
+            by_msg.entry(msg).or_insert(Live {
+                uid,
+                flags: flags.clone(),
+                modseq: modseq_of[&o.id()],
+                expunged: None,
+            });
+        }
+    }
+    for o in &sorted {
+        let ms = modseq_of[&o.id()];
+        match &o.op {
+            MailOp::Add { .. } => {}
+            MailOp::Flags { msg, action, flags } => {
+                if let Some(m) = by_msg.get_mut(msg) {
+                    match action {
+                        FlagAction::Add => m.flags.extend(flags.iter().cloned()),
+                        FlagAction::Remove => m.flags.retain(|f| !flags.contains(f)),
+                        FlagAction::Set => m.flags = flags.clone(),
+                    }
+                    m.modseq = m.modseq.max(ms);
+                }
+            }
+            MailOp::Expunge { msg } => {
+                if let Some(m) = by_msg.get_mut(msg) {
+                    m.expunged = Some(m.expunged.map_or(ms, |e| e.max(ms)));
+                }
+            }
+        }
+    }
+
+    let mut messages = BTreeMap::new();
+    let mut vanished = Vec::new();
+    for (id, m) in by_msg {
+        match m.expunged {
+            None => {
+                messages.insert(
+                    m.uid,
+                    MessageState {
+                        id: id.clone(),
+                        flags: m.flags,
+                        modseq: m.modseq,
+                    },
+                );
+            }
+            Some(ms) => vanished.push(Vanished {
+                first: m.uid,
+                last: m.uid,
+                modseq: ms,
+            }),
+        }
+    }
+    // Every UID a smaller view may have given to a member of a concurrent block lies in
+    // `min_floor..base`, which nothing holds here.
+    for block in uids.blocks.iter().filter(|b| b.is_concurrent()) {
+        let modseq = block
+            .members
+            .iter()
+            .map(|&i| modseq_of[&adds[i].id()])
+            .min()
+            .unwrap_or(0);
+        if block.min_floor < block.base {
+            vanished.push(Vanished {
+                first: block.min_floor,
+                last: block.base - 1,
+                modseq,
+            });
+        }
+    }
+    vanished.sort_by_key(|v| (v.first, v.last));
+
+    MailboxState {
+        uid_next: uids.next,
+        highest_modseq: modseqs.next - 1,
+        messages,
+        vanished,
+        renumbered,
+    }
+}
