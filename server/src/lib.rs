@@ -1,8 +1,9 @@
 //! Tern: a stateless IMAP + LMTP server whose state lives in Garage.
 //!
 //! Layers, each depending only on the ones below: `mail` (the mailbox model) → `log` (the causal
-//! log) → `storage` (rows and blobs).
+//! log) → `storage` (rows and blobs); `crypto` (encryption at rest) is used by all of them.
 
+pub mod crypto;
 pub mod log;
 pub mod mail;
 pub mod storage;
