@@ -7,3 +7,4 @@ pub mod crypto;
 pub mod log;
 pub mod mail;
 pub mod storage;
+pub mod users;
