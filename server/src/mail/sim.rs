@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::invariants::check_pair;
-use super::view::{FlagAction, LogOp, MailOp, MailboxState, MessageId, compute};
+use super::view::{FlagAction, LogOp, MailOp, MailboxState, MessageId, compute, next_floors};
 use crate::log::clock::{Dot, VersionVector, WriterId};
 
 #[derive(Clone)]
@@ -144,6 +144,14 @@ pub fn run_schedule(seed: u64, cfg: SimConfig) -> Result<ScheduleStats, String> 
             .filter(|o| vv_big.covers(o.dot))
             .cloned()
             .collect();
+        let headers: Vec<_> = big_ops.iter().map(LogOp::header).collect();
+        if next_floors(&headers) != big.floors() {
+            return Err(format!(
+                "seed {seed}: view {i}: floors from headers {:?} differ from the full state {:?}",
+                next_floors(&headers),
+                big.floors()
+            ));
+        }
         for (j, (vv_small, small)) in views.iter().enumerate() {
             if i == j || !vv_small.le(vv_big) {
                 continue;

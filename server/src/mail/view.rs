@@ -17,7 +17,7 @@ use crate::log::series::{self, Causal};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MessageId(pub String);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FlagAction {
     Add,
     Remove,
@@ -25,7 +25,7 @@ pub enum FlagAction {
 }
 
 /// A change to one mailbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum MailOp {
     /// A message appears (APPEND, delivery, the target side of COPY/MOVE). `uid_floor` is the
     /// UIDNEXT of the writer's view: the UID the writer announced (APPENDUID).
@@ -44,7 +44,7 @@ pub enum MailOp {
 }
 
 /// One entry of a mailbox's log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LogOp {
     pub dot: Dot,
     pub lamport: u64,
@@ -233,4 +233,68 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
         vanished,
         renumbered,
     }
+}
+
+impl LogOp {
+    /// The plaintext causal header stored beside the encrypted body.
+    pub fn header(&self) -> crate::log::codec::Header {
+        crate::log::codec::Header {
+            dot: self.dot,
+            lamport: self.lamport,
+            deps: self.deps.clone(),
+            modseq_floor: self.modseq_floor,
+            uid_floor: match &self.op {
+                MailOp::Add { uid_floor, .. } => Some(*uid_floor),
+                _ => None,
+            },
+        }
+    }
+
+    /// Rebuilds an op from its header and decrypted body; the header is authoritative for the
+    /// causal fields (a body that disagrees is corrupt).
+    pub fn from_parts(header: crate::log::codec::Header, op: MailOp) -> Option<LogOp> {
+        let consistent = match (&op, header.uid_floor) {
+            (MailOp::Add { uid_floor, .. }, Some(h)) => *uid_floor == h,
+            (MailOp::Add { .. }, None) => false,
+            (_, h) => h.is_none(),
+        };
+        consistent.then_some(LogOp {
+            dot: header.dot,
+            lamport: header.lamport,
+            deps: header.deps,
+            modseq_floor: header.modseq_floor,
+            op,
+        })
+    }
+}
+
+impl Causal for &crate::log::codec::Header {
+    fn id(&self) -> OpId {
+        OpId {
+            lamport: self.lamport,
+            writer: self.dot.writer,
+        }
+    }
+    fn dot(&self) -> Dot {
+        self.dot
+    }
+    fn deps(&self) -> &VersionVector {
+        &self.deps
+    }
+}
+
+/// The floors a writer records in its next op — (UIDNEXT, HIGHESTMODSEQ + 1) — from the
+/// plaintext headers alone, for writers that cannot decrypt the mailbox (LMTP). Equal to
+/// `compute(ops).floors()` for the same ops.
+pub fn next_floors(headers: &[crate::log::codec::Header]) -> (u64, u64) {
+    let mut sorted: Vec<&crate::log::codec::Header> = headers.iter().collect();
+    sorted.sort_by_key(|h| (h.lamport, h.dot.writer));
+    let modseqs = series::number(&sorted, |h| h.modseq_floor, 1);
+    let adds: Vec<&crate::log::codec::Header> = sorted
+        .iter()
+        .copied()
+        .filter(|h| h.uid_floor.is_some())
+        .collect();
+    let uids = series::number(&adds, |h| h.uid_floor.unwrap_or(0), 1);
+    (uids.next, modseqs.next)
 }

@@ -1,0 +1,166 @@
+//! A log in the row store: one partition per log. Rows:
+//! - `w/<writer>`: the writers that ever wrote here (written before their first op), so a reader
+//!   can ask each writer for what it has not seen yet;
+//! - `o/<writer>/<seq>`: the op `(writer, seq)`, in the format of `codec`.
+//!
+//! Keys are fixed-width hex, so a range per writer returns its ops in sequence order. Reading
+//! "everything not in this version vector" is one batch of per-writer ranges, so an op that
+//! arrives late (behind what a reader already folded in) is found like any other: nothing is
+//! ever skipped because of its position in time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::LogError;
+use super::clock::{Dot, VersionVector, WriterId};
+use super::codec::{self, Header};
+use crate::storage::{KeyRange, PollRange, ReadRange, RowStore};
+
+/// An op as read: its row key, its header, and its still-encrypted body.
+#[derive(Debug, Clone)]
+pub struct RawOp {
+    pub key: String,
+    pub header: Header,
+    pub body: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    rows: Arc<dyn RowStore>,
+    partition: String,
+}
+
+fn writer_key(w: WriterId) -> String {
+    format!("w/{:016x}", w.0)
+}
+
+fn op_prefix(w: WriterId) -> String {
+    format!("o/{:016x}/", w.0)
+}
+
+pub fn op_key(dot: Dot) -> String {
+    format!("o/{:016x}/{:016x}", dot.writer.0, dot.seq)
+}
+
+fn parse_writer(key: &str) -> Option<WriterId> {
+    let hex = key.strip_prefix("w/")?;
+    u64::from_str_radix(hex, 16).ok().map(WriterId)
+}
+
+impl LogStore {
+    pub fn new(rows: Arc<dyn RowStore>, partition: impl Into<String>) -> LogStore {
+        LogStore {
+            rows,
+            partition: partition.into(),
+        }
+    }
+
+    pub fn partition(&self) -> &str {
+        &self.partition
+    }
+
+    /// Records `writer` before its first op, so readers look for its ops.
+    pub async fn register(&self, writer: WriterId) -> Result<(), LogError> {
+        self.rows
+            .insert_item(&self.partition, &writer_key(writer), None, Vec::new())
+            .await?;
+        Ok(())
+    }
+
+    /// Stores one encoded op; acknowledged means durable (quorum on Garage).
+    pub async fn append(&self, dot: Dot, value: Vec<u8>) -> Result<(), LogError> {
+        self.rows
+            .insert_item(&self.partition, &op_key(dot), None, value)
+            .await?;
+        Ok(())
+    }
+
+    /// Every op not covered by `have`, decoded up to the header.
+    pub async fn read_missing(&self, have: &VersionVector) -> Result<Vec<RawOp>, LogError> {
+        let writers = self.writers().await?;
+        let mut out = Vec::new();
+        let mut searches: Vec<ReadRange> = writers
+            .iter()
+            .map(|&w| ReadRange {
+                partition_key: self.partition.clone(),
+                range: KeyRange {
+                    prefix: Some(op_prefix(w)),
+                    start: Some(op_key(Dot {
+                        writer: w,
+                        seq: have.get(w) + 1,
+                    })),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .collect();
+        while !searches.is_empty() {
+            let pages = self.rows.read_batch(searches.clone()).await?;
+            let mut next = Vec::new();
+            for (search, page) in searches.into_iter().zip(pages) {
+                for item in page.items {
+                    // Several values for one op key are retries of the same write (a writer
+                    // never reuses a dot for another op): any one of them is the op.
+                    let Some(value) = item.live_values().next() else {
+                        continue;
+                    };
+                    let (header, body) = codec::decode_header(&item.sort_key, value)?;
+                    out.push(RawOp {
+                        key: item.sort_key.clone(),
+                        header,
+                        body: body.to_vec(),
+                    });
+                }
+                if page.more {
+                    let mut s = search;
+                    s.range.start = page.next_start;
+                    next.push(s);
+                }
+            }
+            searches = next;
+        }
+        Ok(out)
+    }
+
+    async fn writers(&self) -> Result<Vec<WriterId>, LogError> {
+        let mut writers = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .rows
+                .read_range(ReadRange {
+                    partition_key: self.partition.clone(),
+                    range: KeyRange {
+                        prefix: Some("w/".into()),
+                        start: start.clone(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .await?;
+            writers.extend(page.items.iter().filter_map(|i| parse_writer(&i.sort_key)));
+            if !page.more {
+                return Ok(writers);
+            }
+            start = page.next_start;
+        }
+    }
+
+    /// Waits until some op is written after `marker` (`None`: returns a marker at once). Returns
+    /// the next marker, or `None` on timeout. The caller then reads with `read_missing`.
+    pub async fn wait(
+        &self,
+        marker: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Option<String>, LogError> {
+        let range = PollRange {
+            prefix: Some("o/".into()),
+            ..Default::default()
+        };
+        let changes = self
+            .rows
+            .poll_range(&self.partition, &range, marker, timeout)
+            .await?;
+        Ok(changes.map(|c| c.seen_marker))
+    }
+}

@@ -1,0 +1,312 @@
+//! One mailbox as a process holds it: its log in storage, the ops read so far, and the state
+//! computed from them. One `Mailbox` per (process, mailbox) is shared by every session, so the
+//! ops are read and decrypted once.
+//!
+//! Writing: sync first (read what others wrote), then write one op that names what it saw. A
+//! handle without the user's identity (LMTP) can still append: the plaintext headers give it
+//! UIDNEXT and HIGHESTMODSEQ; it never sees flags or contents.
+
+use std::sync::Arc;
+
+use age::x25519;
+use tokio::sync::Mutex;
+
+use super::view::{self, LogOp, MailOp, MailboxState};
+use crate::log::LogError;
+use crate::log::clock::{Dot, VersionVector, WriterId};
+use crate::log::codec::{self, Header};
+use crate::log::store::LogStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailboxError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("corrupt op {key}: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("this handle cannot read the mailbox (no key): {0}")]
+    Locked(&'static str),
+}
+
+/// The keys a handle holds: always the public recipient; the identity only when the user is
+/// unlocked in this process.
+#[derive(Clone)]
+pub struct MailboxKeys {
+    pub recipient: x25519::Recipient,
+    pub identity: Option<Arc<x25519::Identity>>,
+}
+
+struct Inner {
+    writer: WriterId,
+    seq: u64,
+    registered: bool,
+    lamport: u64,
+    vv: VersionVector,
+    headers: Vec<Header>,
+    ops: Vec<LogOp>,
+    state: Option<MailboxState>,
+}
+
+pub struct Mailbox {
+    log: LogStore,
+    keys: MailboxKeys,
+    inner: Mutex<Inner>,
+}
+
+fn fresh_writer() -> WriterId {
+    WriterId(rand::random::<u64>() | 1)
+}
+
+impl Mailbox {
+    /// Opens the mailbox and reads its whole log (checkpoints come with issue #3's next step).
+    pub async fn open(log: LogStore, keys: MailboxKeys) -> Result<Mailbox, MailboxError> {
+        let mailbox = Mailbox {
+            log,
+            keys,
+            inner: Mutex::new(Inner {
+                writer: fresh_writer(),
+                seq: 0,
+                registered: false,
+                lamport: 0,
+                vv: VersionVector::default(),
+                headers: Vec::new(),
+                ops: Vec::new(),
+                state: None,
+            }),
+        };
+        mailbox.sync().await?;
+        Ok(mailbox)
+    }
+
+    /// Reads the ops written since the last sync; returns whether anything was new.
+    pub async fn sync(&self) -> Result<bool, MailboxError> {
+        let mut inner = self.inner.lock().await;
+        self.sync_locked(&mut inner).await
+    }
+
+    async fn sync_locked(&self, inner: &mut Inner) -> Result<bool, MailboxError> {
+        let raw = self.log.read_missing(&inner.vv).await?;
+        let fresh = !raw.is_empty() || inner.state.is_none();
+        for op in raw {
+            if inner.vv.covers(op.header.dot) {
+                continue;
+            }
+            inner.lamport = inner.lamport.max(op.header.lamport);
+            inner.vv.include(op.header.dot);
+            if let Some(identity) = &self.keys.identity {
+                let body = codec::decrypt_body(&op.key, &op.body, identity)?;
+                let mail_op: MailOp =
+                    postcard::from_bytes(&body).map_err(|e| MailboxError::Corrupt {
+                        key: op.key.clone(),
+                        detail: e.to_string(),
+                    })?;
+                let full = LogOp::from_parts(op.header.clone(), mail_op).ok_or_else(|| {
+                    MailboxError::Corrupt {
+                        key: op.key.clone(),
+                        detail: "body disagrees with its header".into(),
+                    }
+                })?;
+                inner.ops.push(full);
+            }
+            inner.headers.push(op.header);
+        }
+        if fresh && self.keys.identity.is_some() {
+            inner.state = Some(view::compute(&inner.ops));
+        }
+        Ok(fresh)
+    }
+
+    /// The current state (needs the identity).
+    pub async fn state(&self) -> Result<MailboxState, MailboxError> {
+        let inner = self.inner.lock().await;
+        inner
+            .state
+            .clone()
+            .ok_or(MailboxError::Locked("reading the state"))
+    }
+
+    /// (UIDNEXT, HIGHESTMODSEQ + 1) as this handle knows them.
+    pub async fn floors(&self) -> (u64, u64) {
+        let inner = self.inner.lock().await;
+        match &inner.state {
+            Some(s) => s.floors(),
+            None => view::next_floors(&inner.headers),
+        }
+    }
+
+    /// Syncs, then writes one op built from the floors of the synced view. Returns the op's dot
+    /// and, for an add, the UID its writer announced (APPENDUID).
+    pub async fn write(
+        &self,
+        build: impl FnOnce(u64) -> MailOp,
+    ) -> Result<(Dot, Option<u64>), MailboxError> {
+        let mut inner = self.inner.lock().await;
+        self.sync_locked(&mut inner).await?;
+        let (uid_next, modseq_floor) = match &inner.state {
+            Some(s) => s.floors(),
+            None => view::next_floors(&inner.headers),
+        };
+        let op = LogOp {
+            dot: Dot {
+                writer: inner.writer,
+                seq: inner.seq + 1,
+            },
+            lamport: inner.lamport + 1,
+            deps: inner.vv.clone(),
+            modseq_floor,
+            op: build(uid_next),
+        };
+        let header = op.header();
+        let body = postcard::to_allocvec(&op.op).map_err(|e| LogError::Encode(e.to_string()))?;
+        let value = codec::encode(&header, &body, &self.keys.recipient)?;
+        let stored = async {
+            if !inner.registered {
+                self.log.register(inner.writer).await?;
+                inner.registered = true;
+            }
+            self.log.append(op.dot, value).await
+        }
+        .await;
+        if let Err(e) = stored {
+            // The op may or may not be stored: never reuse its dot for another op. Later writes
+            // go out under a fresh writer id; a stored orphan is read back like any other op.
+            inner.writer = fresh_writer();
+            inner.seq = 0;
+            inner.registered = false;
+            return Err(e.into());
+        }
+        inner.seq += 1;
+        inner.lamport += 1;
+        inner.vv.include(op.dot);
+        inner.headers.push(header);
+        let uid = match &op.op {
+            MailOp::Add { uid_floor, .. } => Some(*uid_floor),
+            _ => None,
+        };
+        let dot = op.dot;
+        if self.keys.identity.is_some() {
+            inner.ops.push(op);
+            inner.state = Some(view::compute(&inner.ops));
+        }
+        Ok((dot, uid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::mail::view::{FlagAction, MessageId};
+    use crate::storage::{StorageConfig, Store};
+
+    fn add(id: &str) -> impl FnOnce(u64) -> MailOp + '_ {
+        move |uid_floor| MailOp::Add {
+            msg: MessageId(id.into()),
+            flags: BTreeSet::new(),
+            uid_floor,
+        }
+    }
+
+    #[tokio::test]
+    async fn processes_converge_and_a_deliverer_without_the_key_can_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StorageConfig::Local {
+            path: dir.path().into(),
+        })
+        .await
+        .unwrap();
+        let identity = Arc::new(x25519::Identity::generate());
+        let keys = MailboxKeys {
+            recipient: identity.to_public(),
+            identity: Some(identity.clone()),
+        };
+        let log = LogStore::new(store.rows.clone(), "log/inbox-test");
+        let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        let b = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        let lmtp = Mailbox::open(
+            log.clone(),
+            MailboxKeys {
+                recipient: identity.to_public(),
+                identity: None,
+            },
+        )
+        .await
+        .unwrap();
+
+        let (_, uid) = a.write(add("m1")).await.unwrap();
+        assert_eq!(uid, Some(1));
+        // The deliverer reads only headers and still announces the next UID.
+        let (_, uid) = lmtp.write(add("m2")).await.unwrap();
+        assert_eq!(uid, Some(2));
+        assert!(lmtp.state().await.is_err(), "no key, no state");
+
+        b.sync().await.unwrap();
+        let s = b.state().await.unwrap();
+        assert_eq!(s.uid_of(&MessageId("m1".into())), Some(1));
+        assert_eq!(s.uid_of(&MessageId("m2".into())), Some(2));
+        b.write(|_| MailOp::Flags {
+            msg: MessageId("m1".into()),
+            action: FlagAction::Add,
+            flags: BTreeSet::from(["\\Seen".to_string()]),
+        })
+        .await
+        .unwrap();
+
+        // A reopened handle (a restarted process) sees the same state.
+        a.sync().await.unwrap();
+        let again = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        assert_eq!(again.state().await.unwrap(), a.state().await.unwrap());
+        assert!(
+            a.state().await.unwrap().messages[&1]
+                .flags
+                .contains("\\Seen")
+        );
+
+        // The stored rows never show the message ids or flags.
+        let page = store
+            .rows
+            .read_range(crate::storage::ReadRange::partition("log/inbox-test"))
+            .await
+            .unwrap();
+        for item in page.items {
+            for v in item.live_values() {
+                assert!(!v.windows(2).any(|w| w == b"m1"), "{}", item.sort_key);
+                assert!(!v.windows(5).any(|w| w == b"\\Seen"), "{}", item.sort_key);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_op_from_a_newer_server_is_refused_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StorageConfig::Local {
+            path: dir.path().into(),
+        })
+        .await
+        .unwrap();
+        let identity = Arc::new(x25519::Identity::generate());
+        let keys = MailboxKeys {
+            recipient: identity.to_public(),
+            identity: Some(identity),
+        };
+        let log = LogStore::new(store.rows.clone(), "log/v");
+        let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        let (dot, _) = a.write(add("m1")).await.unwrap();
+        let key = crate::log::store::op_key(dot);
+        let item = store.rows.read_item("log/v", &key).await.unwrap().unwrap();
+        let mut newer = item.values[0].clone().unwrap();
+        newer[0] = codec::FORMAT_VERSION + 1;
+        store
+            .rows
+            .insert_item("log/v", &key, Some(&item.token), newer)
+            .await
+            .unwrap();
+        match Mailbox::open(log, keys).await {
+            Err(MailboxError::Log(LogError::UnsupportedVersion { key: k, .. })) => {
+                assert_eq!(k, key)
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a newer op must not be skipped silently"),
+        }
+    }
+}
