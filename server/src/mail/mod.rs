@@ -2,6 +2,7 @@
 
 pub mod invariants;
 pub mod mailbox;
+pub mod mailbox_list;
 #[cfg(test)]
 mod sim;
 pub mod view;
