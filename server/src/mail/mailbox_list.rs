@@ -531,7 +531,7 @@ mod tests {
         let w = a.create("Work", None).await.unwrap();
         a.create("Work/2026", None).await.unwrap();
         assert!(
-            matches!(a.create("work", None).await, Ok(_)),
+            a.create("work", None).await.is_ok(),
             "names are case-sensitive"
         );
         assert!(matches!(
