@@ -6,10 +6,11 @@
 //! handle without the user's identity (LMTP) can still append: the plaintext headers give it
 //! UIDNEXT and HIGHESTMODSEQ; it never sees flags or contents.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use age::x25519;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use super::view::{self, LogOp, MailOp, MailboxState};
 use crate::log::LogError;
@@ -50,7 +51,12 @@ pub struct Mailbox {
     log: LogStore,
     keys: MailboxKeys,
     inner: Mutex<Inner>,
+    /// Bumped whenever the state changes; every local session watches it.
+    changes: watch::Sender<u64>,
 }
+
+/// How long one storage long-poll of the watcher lasts before it is renewed.
+const WATCH_POLL: Duration = Duration::from_secs(60);
 
 fn fresh_writer() -> WriterId {
     WriterId(rand::random::<u64>() | 1)
@@ -72,6 +78,7 @@ impl Mailbox {
                 ops: Vec::new(),
                 state: None,
             }),
+            changes: watch::channel(0).0,
         };
         mailbox.sync().await?;
         Ok(mailbox)
@@ -111,6 +118,9 @@ impl Mailbox {
         }
         if fresh && self.keys.identity.is_some() {
             inner.state = Some(view::compute(&inner.ops));
+        }
+        if fresh {
+            self.changes.send_modify(|v| *v += 1);
         }
         Ok(fresh)
     }
@@ -187,7 +197,54 @@ impl Mailbox {
             inner.ops.push(op);
             inner.state = Some(view::compute(&inner.ops));
         }
+        self.changes.send_modify(|v| *v += 1);
         Ok((dot, uid))
+    }
+
+    /// A receiver that sees a new value whenever the state changes (a local write, or the
+    /// watcher syncing a remote one).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Starts the one storage watcher of this (process, mailbox): a long-poll on the log that
+    /// syncs on every change and so wakes every subscribed session. It ends when the mailbox is
+    /// dropped.
+    pub fn spawn_watcher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Mailbox> = Arc::downgrade(self);
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            let mut marker: Option<String> = None;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match log.wait(marker.as_deref(), WATCH_POLL).await {
+                    Ok(Some(next)) => {
+                        let first = marker.is_none();
+                        marker = Some(next);
+                        let Some(mailbox) = weak.upgrade() else {
+                            return;
+                        };
+                        if !first && let Err(e) = mailbox.sync().await {
+                            tracing::warn!(partition = log.partition(), error = %e, "mailbox sync failed");
+                        }
+                        backoff = Duration::from_millis(100);
+                    }
+                    Ok(None) => {
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(partition = log.partition(), error = %e, "mailbox watch failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        if weak.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -274,6 +331,40 @@ mod tests {
                 assert!(!v.windows(5).any(|w| w == b"\\Seen"), "{}", item.sort_key);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_watcher_wakes_sessions_on_a_write_from_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StorageConfig::Local {
+            path: dir.path().into(),
+        })
+        .await
+        .unwrap();
+        let identity = Arc::new(x25519::Identity::generate());
+        let keys = MailboxKeys {
+            recipient: identity.to_public(),
+            identity: Some(identity),
+        };
+        let log = LogStore::new(store.rows.clone(), "log/w");
+        let here = Arc::new(Mailbox::open(log.clone(), keys.clone()).await.unwrap());
+        let watcher = here.spawn_watcher();
+        let mut session = here.subscribe();
+        session.borrow_and_update();
+        // Let the watcher take its first marker before the remote write.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let there = Mailbox::open(log, keys).await.unwrap();
+        there.write(add("remote")).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), session.changed())
+            .await
+            .expect("woken by the watcher")
+            .unwrap();
+        let s = here.state().await.unwrap();
+        assert_eq!(s.uid_of(&MessageId("remote".into())), Some(1));
+        drop(session);
+        drop(here);
+        // The watcher notices the mailbox is gone at its next wake-up; don't wait a minute.
+        watcher.abort();
     }
 
     #[tokio::test]
