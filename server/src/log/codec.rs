@@ -67,6 +67,54 @@ pub fn decode_header<'a>(key: &str, raw: &'a [u8]) -> Result<(Header, &'a [u8]),
     Ok((header, body))
 }
 
+/// A checkpoint body: every op it covers, headers in plaintext (so a writer without the key can
+/// still compute its floors), bodies encrypted together.
+/// Layout: `[version: u8][headers length: u32 BE][headers: postcard][bodies: age(postcard)]`.
+pub fn encode_checkpoint(
+    headers: &[Header],
+    bodies: &[u8],
+    recipient: &age::x25519::Recipient,
+) -> Result<Vec<u8>, LogError> {
+    let head = postcard::to_allocvec(headers).map_err(|e| LogError::Encode(e.to_string()))?;
+    let sealed = crypto::encrypt_to(recipient, bodies)?;
+    let mut out = Vec::with_capacity(5 + head.len() + sealed.len());
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// The headers of a checkpoint and its still-encrypted bodies.
+pub fn decode_checkpoint<'a>(
+    key: &str,
+    raw: &'a [u8],
+) -> Result<(Vec<Header>, &'a [u8]), LogError> {
+    let corrupt = |detail: String| LogError::Corrupt {
+        key: key.to_string(),
+        detail,
+    };
+    let (&version, rest) = raw.split_first().ok_or_else(|| corrupt("empty".into()))?;
+    if version != FORMAT_VERSION {
+        return Err(LogError::UnsupportedVersion {
+            key: key.to_string(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if rest.len() < 4 {
+        return Err(corrupt("truncated".into()));
+    }
+    let (len, rest) = rest.split_at(4);
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if rest.len() < len {
+        return Err(corrupt("truncated headers".into()));
+    }
+    let (head, bodies) = rest.split_at(len);
+    let headers = postcard::from_bytes(head).map_err(|e| corrupt(e.to_string()))?;
+    Ok((headers, bodies))
+}
+
 pub fn decrypt_body(
     key: &str,
     body: &[u8],

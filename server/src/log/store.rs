@@ -3,6 +3,9 @@
 //!   can ask each writer for what it has not seen yet;
 //! - `o/<writer>/<seq>`: the op `(writer, seq)`, in the format of `codec`.
 //!
+//! - `c/<writer>/<seq>`: a checkpoint: the version vector it covers (plaintext) and the key of
+//!   the blob `ck/<partition>/<writer>/<seq>` holding the encrypted op set.
+//!
 //! Keys are fixed-width hex, so a range per writer returns its ops in sequence order. Reading
 //! "everything not in this version vector" is one batch of per-writer ranges, so an op that
 //! arrives late (behind what a reader already folded in) is found like any other: nothing is
@@ -14,7 +17,7 @@ use std::time::Duration;
 use super::LogError;
 use super::clock::{Dot, VersionVector, WriterId};
 use super::codec::{self, Header};
-use crate::storage::{KeyRange, PollRange, ReadRange, RowStore};
+use crate::storage::{BlobStore, DeleteRange, KeyRange, PollRange, ReadRange, RowStore};
 
 /// An op as read: its row key, its header, and its still-encrypted body.
 #[derive(Debug, Clone)]
@@ -27,7 +30,15 @@ pub struct RawOp {
 #[derive(Clone)]
 pub struct LogStore {
     rows: Arc<dyn RowStore>,
+    blobs: Arc<dyn BlobStore>,
     partition: String,
+}
+
+/// A checkpoint as listed: what it covers and where its body is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRef {
+    pub covers: VersionVector,
+    pub blob: String,
 }
 
 fn writer_key(w: WriterId) -> String {
@@ -48,11 +59,97 @@ fn parse_writer(key: &str) -> Option<WriterId> {
 }
 
 impl LogStore {
-    pub fn new(rows: Arc<dyn RowStore>, partition: impl Into<String>) -> LogStore {
+    pub fn new(
+        rows: Arc<dyn RowStore>,
+        blobs: Arc<dyn BlobStore>,
+        partition: impl Into<String>,
+    ) -> LogStore {
         LogStore {
             rows,
+            blobs,
             partition: partition.into(),
         }
+    }
+
+    /// Stores a checkpoint body (already encrypted) covering `covers`, written by `dot`'s
+    /// writer. The body goes first, then the row that points at it, so a listed checkpoint
+    /// always has its body.
+    pub async fn put_checkpoint(
+        &self,
+        id: Dot,
+        covers: &VersionVector,
+        body: Vec<u8>,
+    ) -> Result<CheckpointRef, LogError> {
+        let suffix = format!("{:016x}/{:016x}", id.writer.0, id.seq);
+        let blob = format!("ck/{}/{suffix}", self.partition);
+        self.blobs.put_bytes(&blob, body.into()).await?;
+        let r = CheckpointRef {
+            covers: covers.clone(),
+            blob,
+        };
+        let value = postcard::to_allocvec(&r).map_err(|e| LogError::Encode(e.to_string()))?;
+        self.rows
+            .insert_item(&self.partition, &format!("c/{suffix}"), None, value)
+            .await?;
+        Ok(r)
+    }
+
+    /// Every checkpoint of this log.
+    pub async fn checkpoints(&self) -> Result<Vec<CheckpointRef>, LogError> {
+        let mut out = Vec::new();
+        let mut search = ReadRange {
+            partition_key: self.partition.clone(),
+            range: KeyRange {
+                prefix: Some("c/".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        loop {
+            let page = self.rows.read_range(search.clone()).await?;
+            for item in &page.items {
+                for raw in item.live_values() {
+                    let r: CheckpointRef =
+                        postcard::from_bytes(raw).map_err(|e| LogError::Corrupt {
+                            key: item.sort_key.clone(),
+                            detail: e.to_string(),
+                        })?;
+                    out.push(r);
+                }
+            }
+            if !page.more {
+                return Ok(out);
+            }
+            search.range.start = page.next_start;
+        }
+    }
+
+    pub async fn load_checkpoint(&self, r: &CheckpointRef) -> Result<Vec<u8>, LogError> {
+        Ok(self.blobs.get_bytes(&r.blob).await?.to_vec())
+    }
+
+    /// Deletes the op rows covered by `covered` (which a stored checkpoint holds). Readers sync
+    /// rows first and checkpoints second, so one that misses a deleted row finds the checkpoint.
+    pub async fn collect(&self, covered: &VersionVector) -> Result<u64, LogError> {
+        let ranges: Vec<DeleteRange> = covered
+            .0
+            .iter()
+            .filter(|(_, seq)| **seq > 0)
+            .map(|(&w, &seq)| DeleteRange {
+                partition_key: self.partition.clone(),
+                prefix: Some(op_prefix(w)),
+                start: None,
+                end: Some(op_key(Dot {
+                    writer: w,
+                    seq: seq + 1,
+                })),
+                single_item: false,
+            })
+            .collect();
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.rows.delete_batch(ranges).await?.iter().sum())
     }
 
     pub fn partition(&self) -> &str {

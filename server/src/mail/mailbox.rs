@@ -6,8 +6,9 @@
 //! handle without the user's identity (LMTP) can still append: the plaintext headers give it
 //! UIDNEXT and HIGHESTMODSEQ; it never sees flags or contents.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use age::x25519;
 use tokio::sync::{Mutex, watch};
@@ -16,7 +17,7 @@ use super::view::{self, LogOp, MailOp, MailboxState};
 use crate::log::LogError;
 use crate::log::clock::{Dot, VersionVector, WriterId};
 use crate::log::codec::{self, Header};
-use crate::log::store::LogStore;
+use crate::log::store::{CheckpointRef, LogStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailboxError {
@@ -37,6 +38,10 @@ pub struct MailboxKeys {
 }
 
 struct Inner {
+    /// Every op absorbed (rows and checkpoints may deliver them in any order).
+    seen: HashSet<Dot>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
     writer: WriterId,
     seq: u64,
     registered: bool,
@@ -69,6 +74,9 @@ impl Mailbox {
             log,
             keys,
             inner: Mutex::new(Inner {
+                seen: HashSet::new(),
+                since_checkpoint: 0,
+                last_checkpoint: Instant::now(),
                 writer: fresh_writer(),
                 seq: 0,
                 registered: false,
@@ -91,30 +99,21 @@ impl Mailbox {
     }
 
     async fn sync_locked(&self, inner: &mut Inner) -> Result<bool, MailboxError> {
+        // Rows first, checkpoints second: an op row collected after being checkpointed is then
+        // found in the checkpoint, never lost between the two reads.
         let raw = self.log.read_missing(&inner.vv).await?;
-        let fresh = !raw.is_empty() || inner.state.is_none();
+        let mut fresh = inner.state.is_none();
         for op in raw {
-            if inner.vv.covers(op.header.dot) {
-                continue;
+            let body = match &self.keys.identity {
+                Some(identity) => Some(codec::decrypt_body(&op.key, &op.body, identity)?),
+                None => None,
+            };
+            fresh |= self.absorb(inner, &op.key, op.header, body.as_deref())?;
+        }
+        for cp in self.log.checkpoints().await? {
+            if !cp.covers.le(&inner.vv) {
+                fresh |= self.absorb_checkpoint(inner, &cp).await?;
             }
-            inner.lamport = inner.lamport.max(op.header.lamport);
-            inner.vv.include(op.header.dot);
-            if let Some(identity) = &self.keys.identity {
-                let body = codec::decrypt_body(&op.key, &op.body, identity)?;
-                let mail_op: MailOp =
-                    postcard::from_bytes(&body).map_err(|e| MailboxError::Corrupt {
-                        key: op.key.clone(),
-                        detail: e.to_string(),
-                    })?;
-                let full = LogOp::from_parts(op.header.clone(), mail_op).ok_or_else(|| {
-                    MailboxError::Corrupt {
-                        key: op.key.clone(),
-                        detail: "body disagrees with its header".into(),
-                    }
-                })?;
-                inner.ops.push(full);
-            }
-            inner.headers.push(op.header);
         }
         if fresh && self.keys.identity.is_some() {
             inner.state = Some(view::compute(&inner.ops));
@@ -123,6 +122,110 @@ impl Mailbox {
             self.changes.send_modify(|v| *v += 1);
         }
         Ok(fresh)
+    }
+
+    /// Folds one op in (once); `body` is its decrypted body when this handle has the key.
+    fn absorb(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        header: Header,
+        body: Option<&[u8]>,
+    ) -> Result<bool, MailboxError> {
+        if !inner.seen.insert(header.dot) {
+            return Ok(false);
+        }
+        inner.lamport = inner.lamport.max(header.lamport);
+        inner.vv.include(header.dot);
+        if let Some(body) = body {
+            let mail_op: MailOp =
+                postcard::from_bytes(body).map_err(|e| MailboxError::Corrupt {
+                    key: key.to_string(),
+                    detail: e.to_string(),
+                })?;
+            let full = LogOp::from_parts(header.clone(), mail_op).ok_or_else(|| {
+                MailboxError::Corrupt {
+                    key: key.to_string(),
+                    detail: "body disagrees with its header".into(),
+                }
+            })?;
+            inner.ops.push(full);
+        }
+        inner.headers.push(header);
+        Ok(true)
+    }
+
+    async fn absorb_checkpoint(
+        &self,
+        inner: &mut Inner,
+        cp: &CheckpointRef,
+    ) -> Result<bool, MailboxError> {
+        let raw = self.log.load_checkpoint(cp).await?;
+        let (headers, sealed) = codec::decode_checkpoint(&cp.blob, &raw)?;
+        let bodies: Option<Vec<Vec<u8>>> = match &self.keys.identity {
+            Some(identity) => {
+                let plain = codec::decrypt_body(&cp.blob, sealed, identity)?;
+                let bodies: Vec<Vec<u8>> =
+                    postcard::from_bytes(&plain).map_err(|e| MailboxError::Corrupt {
+                        key: cp.blob.clone(),
+                        detail: e.to_string(),
+                    })?;
+                if bodies.len() != headers.len() {
+                    return Err(MailboxError::Corrupt {
+                        key: cp.blob.clone(),
+                        detail: "headers and bodies differ in number".into(),
+                    });
+                }
+                Some(bodies)
+            }
+            None => None,
+        };
+        let mut fresh = false;
+        for (i, header) in headers.into_iter().enumerate() {
+            let body = bodies.as_ref().map(|b| b[i].as_slice());
+            fresh |= self.absorb(inner, &cp.blob, header, body)?;
+        }
+        Ok(fresh)
+    }
+
+    /// Writes a checkpoint of everything this handle has read (needs the key). Concurrent
+    /// checkpoints are all kept: a reader takes the union, which is again a valid op set.
+    pub async fn checkpoint(&self) -> Result<CheckpointRef, MailboxError> {
+        let mut inner = self.inner.lock().await;
+        self.sync_locked(&mut inner).await?;
+        if self.keys.identity.is_none() {
+            return Err(MailboxError::Locked("writing a checkpoint"));
+        }
+        let headers: Vec<Header> = inner.ops.iter().map(LogOp::header).collect();
+        let bodies: Vec<Vec<u8>> = inner
+            .ops
+            .iter()
+            .map(|o| postcard::to_allocvec(&o.op))
+            .collect::<Result<_, _>>()
+            .map_err(|e| LogError::Encode(e.to_string()))?;
+        let bodies = postcard::to_allocvec(&bodies).map_err(|e| LogError::Encode(e.to_string()))?;
+        let value = codec::encode_checkpoint(&headers, &bodies, &self.keys.recipient)?;
+        let id = Dot {
+            writer: inner.writer,
+            seq: rand::random(),
+        };
+        let r = self.log.put_checkpoint(id, &inner.vv, value).await?;
+        inner.since_checkpoint = 0;
+        inner.last_checkpoint = Instant::now();
+        Ok(r)
+    }
+
+    /// Is a checkpoint due: `every_ops` ops written here since the last one, or `every` elapsed
+    /// with at least one op?
+    pub async fn checkpoint_due(&self, every_ops: u64, every: Duration) -> bool {
+        let inner = self.inner.lock().await;
+        inner.since_checkpoint >= every_ops
+            || (inner.since_checkpoint > 0 && inner.last_checkpoint.elapsed() >= every)
+    }
+
+    /// Deletes the op rows a stored checkpoint covers.
+    pub async fn collect(&self, cp: &CheckpointRef) -> Result<u64, MailboxError> {
+        Ok(self.log.collect(&cp.covers).await?)
     }
 
     /// The current state (needs the identity).
@@ -187,6 +290,8 @@ impl Mailbox {
         inner.seq += 1;
         inner.lamport += 1;
         inner.vv.include(op.dot);
+        inner.seen.insert(op.dot);
+        inner.since_checkpoint += 1;
         inner.headers.push(header);
         let uid = match &op.op {
             MailOp::Add { uid_floor, .. } => Some(*uid_floor),
@@ -277,7 +382,7 @@ mod tests {
             recipient: identity.to_public(),
             identity: Some(identity.clone()),
         };
-        let log = LogStore::new(store.rows.clone(), "log/inbox-test");
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/inbox-test");
         let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
         let b = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
         let lmtp = Mailbox::open(
@@ -346,7 +451,7 @@ mod tests {
             recipient: identity.to_public(),
             identity: Some(identity),
         };
-        let log = LogStore::new(store.rows.clone(), "log/w");
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/w");
         let here = Arc::new(Mailbox::open(log.clone(), keys.clone()).await.unwrap());
         let watcher = here.spawn_watcher();
         let mut session = here.subscribe();
@@ -368,6 +473,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn checkpoints_collect_rows_and_never_drop_a_late_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StorageConfig::Local {
+            path: dir.path().into(),
+        })
+        .await
+        .unwrap();
+        let identity = Arc::new(x25519::Identity::generate());
+        let keys = MailboxKeys {
+            recipient: identity.to_public(),
+            identity: Some(identity.clone()),
+        };
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/cp");
+        let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        // A stale writer: opened now, will write later without syncing in between... except
+        // that `write` always syncs. Make it stale by giving it a view from before the others.
+        let stale = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        for i in 0..30 {
+            a.write(add(&format!("m{i}"))).await.unwrap();
+        }
+        assert!(a.checkpoint_due(30, Duration::from_secs(3600)).await);
+        let cp = a.checkpoint().await.unwrap();
+        assert!(!a.checkpoint_due(30, Duration::from_secs(3600)).await);
+        assert_eq!(a.collect(&cp).await.unwrap(), 30);
+
+        // A fresh process opens from the checkpoint alone and agrees.
+        let b = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        assert_eq!(b.state().await.unwrap(), a.state().await.unwrap());
+        // A deliverer without the key reads the checkpoint's headers and agrees on the floors.
+        let lmtp = Mailbox::open(
+            log.clone(),
+            MailboxKeys {
+                recipient: identity.to_public(),
+                identity: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(lmtp.floors().await, a.floors().await);
+
+        // The stale handle syncs (rows first: all collected; then the checkpoint) and its
+        // write lands after everything: nothing dropped, nothing renumbered.
+        let (_, uid) = stale.write(add("late")).await.unwrap();
+        assert_eq!(uid, Some(31));
+        b.sync().await.unwrap();
+        let s = b.state().await.unwrap();
+        assert_eq!(s.messages.len(), 31);
+        assert_eq!(s.uid_of(&MessageId("late".into())), Some(31));
+        assert_eq!(s.renumbered, 0);
+
+        // A truly late op: written by a writer that saw nothing, landing after the checkpoint
+        // and the collection. It is read, and the state moves on by the rule (V1-V5 hold).
+        let w = WriterId(42);
+        let ghost = LogOp {
+            dot: Dot { writer: w, seq: 1 },
+            lamport: 1,
+            deps: VersionVector::default(),
+            modseq_floor: 1,
+            op: add("ghost")(1),
+        };
+        let body = postcard::to_allocvec(&ghost.op).unwrap();
+        log.register(w).await.unwrap();
+        log.append(
+            ghost.dot,
+            codec::encode(&ghost.header(), &body, &identity.to_public()).unwrap(),
+        )
+        .await
+        .unwrap();
+        let before = b.state().await.unwrap();
+        b.sync().await.unwrap();
+        let after = b.state().await.unwrap();
+        assert!(after.uid_of(&MessageId("ghost".into())).is_some());
+        assert_eq!(after.messages.len(), 32);
+        let ops = b.inner.lock().await.ops.clone();
+        crate::mail::invariants::check_pair(&before, &after, &ops).unwrap();
+    }
+
+    #[tokio::test]
     async fn an_op_from_a_newer_server_is_refused_loudly() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&StorageConfig::Local {
@@ -380,7 +563,7 @@ mod tests {
             recipient: identity.to_public(),
             identity: Some(identity),
         };
-        let log = LogStore::new(store.rows.clone(), "log/v");
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/v");
         let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
         let (dot, _) = a.write(add("m1")).await.unwrap();
         let key = crate::log::store::op_key(dot);
