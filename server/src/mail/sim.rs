@@ -21,6 +21,8 @@ struct Replica {
     ops: Vec<LogOp>,
     vv: VersionVector,
     lamport: u64,
+    /// Kept up to date with `apply_next` where it applies, as `Mailbox` does.
+    incremental: Option<MailboxState>,
 }
 
 impl Replica {
@@ -36,24 +38,43 @@ impl Replica {
             seq: self.seq,
         };
         let (_, modseq_floor) = state.floors();
-        self.ops.push(LogOp {
+        let op = LogOp {
             dot,
             lamport: self.lamport,
             deps: self.vv.clone(),
             modseq_floor,
             op,
-        });
+        };
+        // Our own op follows everything we hold: the fast path must take it.
+        let mut inc = self
+            .incremental
+            .take()
+            .unwrap_or_else(|| compute(&self.ops));
+        let applied = inc.apply_next(&op);
+        assert!(applied, "apply_next refused a sequential op: {op:?}");
+        self.incremental = Some(inc);
+        self.ops.push(op);
         self.vv.include(dot);
     }
 
     fn receive(&mut self, from: &Replica) {
-        for op in &from.ops {
-            if !self.vv.covers(op.dot) {
-                self.ops.push(op.clone());
-                self.lamport = self.lamport.max(op.lamport);
+        let mut new: Vec<&LogOp> = from.ops.iter().filter(|o| !self.vv.covers(o.dot)).collect();
+        new.sort_by_key(|o| o.id());
+        let mut inc = self.incremental.take();
+        for op in new {
+            // Fast path only for an op that had seen everything we hold.
+            inc = inc.filter(|_| op.deps == self.vv);
+            if let Some(state) = inc.as_mut()
+                && !state.apply_next(op)
+            {
+                inc = None;
             }
+            self.ops.push(op.clone());
+            self.lamport = self.lamport.max(op.lamport);
+            self.vv.include(op.dot);
         }
         self.vv.merge(&from.vv);
+        self.incremental = Some(inc.unwrap_or_else(|| compute(&self.ops)));
     }
 }
 
@@ -77,6 +98,7 @@ pub fn run_schedule(seed: u64, cfg: SimConfig) -> Result<ScheduleStats, String> 
             ops: Vec::new(),
             vv: VersionVector::default(),
             lamport: 0,
+            incremental: None,
         })
         .collect();
     let mut views: Vec<(VersionVector, MailboxState)> = Vec::new();
@@ -116,7 +138,14 @@ pub fn run_schedule(seed: u64, cfg: SimConfig) -> Result<ScheduleStats, String> 
             };
             replicas[r].write(op, &state);
         }
-        views.push((replicas[r].vv.clone(), replicas[r].state()));
+        let full = replicas[r].state();
+        if replicas[r].incremental.as_ref() != Some(&full) {
+            return Err(format!(
+                "seed {seed}: replica {r}: incremental state {:?} differs from the full computation {full:?}",
+                replicas[r].incremental
+            ));
+        }
+        views.push((replicas[r].vv.clone(), full));
     }
 
     // Views no replica showed: random causally closed subsets of everything written.
@@ -283,6 +312,7 @@ mod tests {
             ops: vec![],
             vv: VersionVector::default(),
             lamport: 0,
+            incremental: None,
         };
         let s = a.state();
         a.write(

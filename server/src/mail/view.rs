@@ -101,6 +101,8 @@ pub struct MailboxState {
     pub vanished: Vec<Vanished>,
     /// Messages re-announced under a new UID in this view (concurrent appends).
     pub renumbered: usize,
+    /// UID of every message ever added (live or expunged), by id.
+    pub uids: BTreeMap<MessageId, u64>,
 }
 
 impl MailboxState {
@@ -109,11 +111,73 @@ impl MailboxState {
         (self.uid_next, self.highest_modseq + 1)
     }
 
+    /// UID of a live message.
     pub fn uid_of(&self, msg: &MessageId) -> Option<u64> {
-        self.messages
-            .iter()
-            .find(|(_, m)| &m.id == msg)
-            .map(|(&u, _)| u)
+        self.uids
+            .get(msg)
+            .copied()
+            .filter(|u| self.messages.get(u).is_some_and(|m| &m.id == msg))
+    }
+
+    /// Folds in an op that follows everything in this state (its writer had seen every op of
+    /// it), as a sequential history does: the op is a block of its own, so it keeps its floors
+    /// and nothing else moves. O(log n). Returns false, changing nothing, when the op does not
+    /// fit that case (the caller then recomputes with `compute`).
+    pub fn apply_next(&mut self, op: &LogOp) -> bool {
+        if op.modseq_floor <= self.highest_modseq {
+            return false;
+        }
+        match &op.op {
+            MailOp::Add {
+                msg,
+                flags,
+                uid_floor,
+            } => {
+                if *uid_floor < self.uid_next || self.uids.contains_key(msg) {
+                    return false;
+                }
+                self.uids.insert(msg.clone(), *uid_floor);
+                self.messages.insert(
+                    *uid_floor,
+                    MessageState {
+                        id: msg.clone(),
+                        flags: flags.clone(),
+                        modseq: op.modseq_floor,
+                    },
+                );
+                self.uid_next = uid_floor + 1;
+            }
+            MailOp::Flags { msg, action, flags } => {
+                if let Some(uid) = self.uid_of(msg)
+                    && let Some(m) = self.messages.get_mut(&uid)
+                {
+                    match action {
+                        FlagAction::Add => m.flags.extend(flags.iter().cloned()),
+                        FlagAction::Remove => m.flags.retain(|f| !flags.contains(f)),
+                        FlagAction::Set => m.flags = flags.clone(),
+                    }
+                    m.modseq = op.modseq_floor;
+                }
+            }
+            MailOp::Expunge { msg } => {
+                if let Some(uid) = self.uid_of(msg) {
+                    self.messages.remove(&uid);
+                    let at = self
+                        .vanished
+                        .partition_point(|v| (v.first, v.last) < (uid, uid));
+                    self.vanished.insert(
+                        at,
+                        Vanished {
+                            first: uid,
+                            last: uid,
+                            modseq: op.modseq_floor,
+                        },
+                    );
+                }
+            }
+        }
+        self.highest_modseq = op.modseq_floor;
+        true
     }
 }
 
@@ -188,6 +252,10 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
 
     let mut messages = BTreeMap::new();
     let mut vanished = Vec::new();
+    let uids_by_id: BTreeMap<MessageId, u64> = by_msg
+        .iter()
+        .map(|(id, m)| ((*id).clone(), m.uid))
+        .collect();
     for (id, m) in by_msg {
         match m.expunged {
             None => {
@@ -232,6 +300,7 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
         messages,
         vanished,
         renumbered,
+        uids: uids_by_id,
     }
 }
 
