@@ -3,6 +3,8 @@
 pub mod invariants;
 pub mod mailbox;
 pub mod mailbox_list;
+pub mod message;
 #[cfg(test)]
 mod sim;
+pub mod summary;
 pub mod view;
