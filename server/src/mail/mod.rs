@@ -5,6 +5,8 @@ pub mod mailbox;
 pub mod mailbox_list;
 pub mod message;
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod sim;
 pub mod summary;
 pub mod view;
