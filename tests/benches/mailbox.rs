@@ -42,54 +42,76 @@ fn sequential_adds(n: u64, writer: u64) -> Vec<LogOp> {
         .collect()
 }
 
-/// Adds every 100th op a concurrent append from a second writer that saw all but the last op.
+/// N appends by writer 1; every 100th, writer 2 appends concurrently (having seen all but
+/// writer 1's latest op), and writer 1 then syncs: a block of two concurrent appends per event.
 fn with_concurrency(n: u64) -> Vec<LogOp> {
-    let mut ops = sequential_adds(n, 1);
-    let w2 = WriterId(2);
+    let (w1, w2) = (WriterId(1), WriterId(2));
+    let mut ops = Vec::new();
     let mut seq2 = 0;
-    for i in (100..n).step_by(100) {
-        seq2 += 1;
+    let mut seen2 = 0; // how many of w2's ops writer 1 has seen
+    for i in 1..=n {
         let mut deps = VersionVector::default();
-        deps.include(Dot {
-            writer: WriterId(1),
-            seq: i - 1,
-        });
-        if seq2 > 1 {
+        if i > 1 {
             deps.include(Dot {
-                writer: w2,
-                seq: seq2 - 1,
+                writer: w1,
+                seq: i - 1,
             });
         }
-        ops.push(LogOp {
-            dot: Dot {
+        if seen2 > 0 {
+            deps.include(Dot {
                 writer: w2,
-                seq: seq2,
-            },
-            lamport: i,
-            deps,
-            // Its writer's view held ops 1..i-1 of writer 1 (and its own earlier ones).
-            modseq_floor: i,
+                seq: seen2,
+            });
+        }
+        let floor = i + 4 * seq2;
+        ops.push(LogOp {
+            dot: Dot { writer: w1, seq: i },
+            lamport: i + seq2,
+            deps: deps.clone(),
+            modseq_floor: floor,
             op: MailOp::Add {
-                msg: MessageId(format!("c-{seq2}")),
+                msg: MessageId(format!("a-{i}")),
                 flags: BTreeSet::new(),
-                uid_floor: i,
+                uid_floor: floor,
             },
         });
+        seen2 = seq2;
+        if i % 100 == 0 {
+            seq2 += 1;
+            ops.push(LogOp {
+                dot: Dot {
+                    writer: w2,
+                    seq: seq2,
+                },
+                lamport: i + seq2,
+                deps,
+                modseq_floor: floor,
+                op: MailOp::Add {
+                    msg: MessageId(format!("c-{seq2}")),
+                    flags: BTreeSet::new(),
+                    uid_floor: floor,
+                },
+            });
+        }
     }
     ops
 }
 
 async fn load_rows(store: &Store, partition: &str, ops: &[LogOp], recipient: &x25519::Recipient) {
     let log = LogStore::new(store.rows.clone(), store.blobs.clone(), partition);
-    log.register(WriterId(1)).await.unwrap();
+    let wk = codec::WriterKey::generate();
+    log.register(WriterId(1), wk.seal(recipient).unwrap())
+        .await
+        .unwrap();
     let mut batch = Vec::new();
     for op in ops {
         let body = postcard::to_allocvec(&op.op).unwrap();
+        let row = tern_server::log::store::op_key(op.dot);
         batch.push(InsertOp {
             partition_key: partition.to_string(),
-            sort_key: tern_server::log::store::op_key(op.dot),
+            value: Some(codec::encode(&row, &op.header(), &body, &wk).unwrap()),
+            sort_key: row,
             token: None,
-            value: Some(codec::encode(&op.header(), &body, recipient).unwrap()),
         });
         if batch.len() == 500 {
             store
@@ -110,7 +132,9 @@ async fn store_figures(name: &str, store: &Store, n: u64) {
         recipient: identity.to_public(),
         identity: Some(identity.clone()),
     };
-    for size in [1_000, 10_000, n] {
+    let mut sizes = vec![1_000, 10_000, n];
+    sizes.dedup();
+    for size in sizes {
         let partition = format!("log/bench-{size}");
         let ops = sequential_adds(size, 1);
         load_rows(store, &partition, &ops, &keys.recipient).await;

@@ -1,9 +1,15 @@
 //! How one op is stored in a row: a format version, a plaintext causal header (numbers only: who
-//! wrote it, what it had seen, the floors, whether it adds a message), and the body encrypted to
-//! the user's recipient. The header lets a writer without the user's key (LMTP) compute UIDNEXT
+//! wrote it, what it had seen, the floors, whether it adds a message), and the body encrypted
+//! with its writer's key. The header lets a writer without the user's key (LMTP) compute UIDNEXT
 //! and HIGHESTMODSEQ; it reveals the shape of the history, never names, flags or content.
 //!
-//! Layout: `[version: u8][header length: u32 BE][header: postcard][body: age]`.
+//! Each writer (a process, for one mailbox) draws a random 32-byte key and stores it once, sealed
+//! to the user's age recipient, in its registry row. Op bodies are XChaCha20-Poly1305 under that
+//! key, bound to the op's row key, so a reader pays one X25519 operation per writer instead of
+//! one per op (a first login after 10,000 deliveries decrypts one key, not 10,000).
+//!
+//! Op layout: `[version: u8][header length: u32 BE][header: postcard][nonce: 24][body: AEAD]`.
+//! Writer row: `[version: u8][age(key)]`.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,19 +31,101 @@ pub struct Header {
     pub uid_floor: Option<u64>,
 }
 
+/// A writer's symmetric key for op bodies.
+#[derive(Clone)]
+pub struct WriterKey(pub zeroize::Zeroizing<[u8; 32]>);
+
+impl WriterKey {
+    pub fn generate() -> WriterKey {
+        WriterKey(zeroize::Zeroizing::new(rand::random()))
+    }
+
+    /// The registry row value: the key sealed to the user's recipient.
+    pub fn seal(&self, recipient: &age::x25519::Recipient) -> Result<Vec<u8>, LogError> {
+        let mut out = vec![FORMAT_VERSION];
+        out.extend(crypto::encrypt_to(recipient, self.0.as_slice())?);
+        Ok(out)
+    }
+
+    pub fn open(
+        key: &str,
+        raw: &[u8],
+        identity: &age::x25519::Identity,
+    ) -> Result<WriterKey, LogError> {
+        match raw.split_first() {
+            Some((&FORMAT_VERSION, sealed)) => {
+                let plain = crypto::decrypt_with(identity, sealed, key)?;
+                let arr: [u8; 32] = plain.as_slice().try_into().map_err(|_| LogError::Corrupt {
+                    key: key.to_string(),
+                    detail: format!("writer key of {} bytes", plain.len()),
+                })?;
+                Ok(WriterKey(zeroize::Zeroizing::new(arr)))
+            }
+            Some((&v, _)) => Err(LogError::UnsupportedVersion {
+                key: key.to_string(),
+                found: v,
+                supported: FORMAT_VERSION,
+            }),
+            None => Err(LogError::Corrupt {
+                key: key.to_string(),
+                detail: "empty writer row".into(),
+            }),
+        }
+    }
+}
+
+/// Encodes an op stored at row `key`, its body sealed with the writer's key.
 pub fn encode(
+    key: &str,
     header: &Header,
     body: &[u8],
-    recipient: &age::x25519::Recipient,
+    writer_key: &WriterKey,
 ) -> Result<Vec<u8>, LogError> {
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
     let head = postcard::to_allocvec(header).map_err(|e| LogError::Encode(e.to_string()))?;
-    let sealed = crypto::encrypt_to(recipient, body)?;
-    let mut out = Vec::with_capacity(5 + head.len() + sealed.len());
+    let nonce: [u8; 24] = rand::random();
+    let cipher = chacha20poly1305::XChaCha20Poly1305::new(writer_key.0.as_slice().into());
+    let sealed = cipher
+        .encrypt(
+            chacha20poly1305::XNonce::from_slice(&nonce),
+            Payload {
+                msg: body,
+                aad: key.as_bytes(),
+            },
+        )
+        .map_err(|e| LogError::Encode(e.to_string()))?;
+    let mut out = Vec::with_capacity(5 + head.len() + 24 + sealed.len());
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&(head.len() as u32).to_be_bytes());
     out.extend_from_slice(&head);
+    out.extend_from_slice(&nonce);
     out.extend_from_slice(&sealed);
     Ok(out)
+}
+
+/// Opens the body of the op at row `key` (as returned by `decode_header`).
+pub fn open_body(key: &str, body: &[u8], writer_key: &WriterKey) -> Result<Vec<u8>, LogError> {
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    if body.len() < 24 + 16 {
+        return Err(LogError::Corrupt {
+            key: key.to_string(),
+            detail: "truncated body".into(),
+        });
+    }
+    let (nonce, sealed) = body.split_at(24);
+    let cipher = chacha20poly1305::XChaCha20Poly1305::new(writer_key.0.as_slice().into());
+    cipher
+        .decrypt(
+            chacha20poly1305::XNonce::from_slice(nonce),
+            Payload {
+                msg: sealed,
+                aad: key.as_bytes(),
+            },
+        )
+        .map_err(|_| LogError::Corrupt {
+            key: key.to_string(),
+            detail: "body does not authenticate under its writer's key".into(),
+        })
 }
 
 /// The header and the still-encrypted body. `key` names the row in errors.
@@ -141,10 +229,15 @@ mod tests {
             modseq_floor: 5,
             uid_floor: Some(4),
         };
-        let raw = encode(&header, b"body", &id.to_public()).unwrap();
+        let wk = WriterKey::generate();
+        let sealed_key = wk.seal(&id.to_public()).unwrap();
+        let wk2 = WriterKey::open("w", &sealed_key, &id).unwrap();
+        let raw = encode("k", &header, b"body", &wk).unwrap();
         let (h, body) = decode_header("k", &raw).unwrap();
         assert_eq!(h, header);
-        assert_eq!(decrypt_body("k", body, &id).unwrap(), b"body");
+        assert_eq!(open_body("k", body, &wk2).unwrap(), b"body");
+        // Bound to its row: the same bytes under another key do not open.
+        assert!(open_body("k2", body, &wk2).is_err());
         assert!(
             !raw.windows(4).any(|w| w == b"body"),
             "the body is not in the clear"
@@ -159,6 +252,7 @@ mod tests {
         let err = decode_header("log/x/op/1", &raw[..3]).unwrap_err();
         assert!(err.to_string().contains("log/x/op/1"), "{err}");
         let other = age::x25519::Identity::generate();
-        assert!(decrypt_body("k", body, &other).is_err());
+        assert!(WriterKey::open("w", &sealed_key, &other).is_err());
+        assert!(open_body("k", body, &WriterKey::generate()).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! A log in the row store: one partition per log. Rows:
 //! - `w/<writer>`: the writers that ever wrote here (written before their first op), so a reader
-//!   can ask each writer for what it has not seen yet;
+//!   can ask each writer for what it has not seen yet; the value is the writer's body key sealed
+//!   to the user (`codec::WriterKey`);
 //! - `o/<writer>/<seq>`: the op `(writer, seq)`, in the format of `codec`.
 //!
 //! - `c/<writer>/<seq>`: a checkpoint: the version vector it covers (plaintext) and the key of
@@ -156,10 +157,11 @@ impl LogStore {
         &self.partition
     }
 
-    /// Records `writer` before its first op, so readers look for its ops.
-    pub async fn register(&self, writer: WriterId) -> Result<(), LogError> {
+    /// Records `writer` (and its sealed body key) before its first op, so readers look for its
+    /// ops and can open them.
+    pub async fn register(&self, writer: WriterId, sealed_key: Vec<u8>) -> Result<(), LogError> {
         self.rows
-            .insert_item(&self.partition, &writer_key(writer), None, Vec::new())
+            .insert_item(&self.partition, &writer_key(writer), None, sealed_key)
             .await?;
         Ok(())
     }
@@ -172,9 +174,14 @@ impl LogStore {
         Ok(())
     }
 
-    /// Every op not covered by `have`, decoded up to the header.
-    pub async fn read_missing(&self, have: &VersionVector) -> Result<Vec<RawOp>, LogError> {
-        let writers = self.writers().await?;
+    /// Every op not covered by `have`, decoded up to the header, and every writer's row
+    /// `(writer, row key, sealed body key)`.
+    pub async fn read_missing(
+        &self,
+        have: &VersionVector,
+    ) -> Result<(Vec<RawOp>, Vec<(WriterId, String, Vec<u8>)>), LogError> {
+        let registry = self.writers().await?;
+        let writers: Vec<WriterId> = registry.iter().map(|(w, _, _)| *w).collect();
         let mut out = Vec::new();
         let mut searches: Vec<ReadRange> = writers
             .iter()
@@ -216,10 +223,10 @@ impl LogStore {
             }
             searches = next;
         }
-        Ok(out)
+        Ok((out, registry))
     }
 
-    async fn writers(&self) -> Result<Vec<WriterId>, LogError> {
+    async fn writers(&self) -> Result<Vec<(WriterId, String, Vec<u8>)>, LogError> {
         let mut writers = Vec::new();
         let mut start = None;
         loop {
@@ -235,7 +242,13 @@ impl LogStore {
                     ..Default::default()
                 })
                 .await?;
-            writers.extend(page.items.iter().filter_map(|i| parse_writer(&i.sort_key)));
+            for item in page.items {
+                if let (Some(w), Some(v)) =
+                    (parse_writer(&item.sort_key), item.live_values().next())
+                {
+                    writers.push((w, item.sort_key.clone(), v.to_vec()));
+                }
+            }
             if !page.more {
                 return Ok(writers);
             }

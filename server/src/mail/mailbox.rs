@@ -6,7 +6,7 @@
 //! handle without the user's identity (LMTP) can still append: the plaintext headers give it
 //! UIDNEXT and HIGHESTMODSEQ; it never sees flags or contents.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, watch};
 use super::view::{self, LogOp, MailOp, MailboxState};
 use crate::log::LogError;
 use crate::log::clock::{Dot, VersionVector, WriterId};
-use crate::log::codec::{self, Header};
+use crate::log::codec::{self, Header, WriterKey};
 use crate::log::store::{CheckpointRef, LogStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,10 @@ struct Inner {
     seen: HashSet<Dot>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Body keys of the writers seen so far (opened with the identity).
+    writer_keys: HashMap<WriterId, WriterKey>,
     writer: WriterId,
+    writer_key: WriterKey,
     seq: u64,
     registered: bool,
     lamport: u64,
@@ -77,7 +80,9 @@ impl Mailbox {
                 seen: HashSet::new(),
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
+                writer_keys: HashMap::new(),
                 writer: fresh_writer(),
+                writer_key: WriterKey::generate(),
                 seq: 0,
                 registered: false,
                 lamport: 0,
@@ -101,12 +106,28 @@ impl Mailbox {
     async fn sync_locked(&self, inner: &mut Inner) -> Result<bool, MailboxError> {
         // Rows first, checkpoints second: an op row collected after being checkpointed is then
         // found in the checkpoint, never lost between the two reads.
-        let raw = self.log.read_missing(&inner.vv).await?;
+        let (raw, registry) = self.log.read_missing(&inner.vv).await?;
         let mut fresh = inner.state.is_none();
         let (vv_before, ops_before) = (inner.vv.clone(), inner.ops.len());
+        if let Some(identity) = &self.keys.identity {
+            for (w, key, sealed) in registry {
+                if let std::collections::hash_map::Entry::Vacant(e) = inner.writer_keys.entry(w) {
+                    e.insert(WriterKey::open(&key, &sealed, identity)?);
+                }
+            }
+        }
         for op in raw {
             let body = match &self.keys.identity {
-                Some(identity) => Some(codec::decrypt_body(&op.key, &op.body, identity)?),
+                Some(_) => {
+                    let wk = inner
+                        .writer_keys
+                        .get(&op.header.dot.writer)
+                        .ok_or_else(|| MailboxError::Corrupt {
+                            key: op.key.clone(),
+                            detail: "op from a writer with no registry row".into(),
+                        })?;
+                    Some(codec::open_body(&op.key, &op.body, wk)?)
+                }
                 None => None,
             };
             fresh |= self.absorb(inner, &op.key, op.header, body.as_deref())?;
@@ -294,11 +315,15 @@ impl Mailbox {
         };
         let header = op.header();
         let body = postcard::to_allocvec(&op.op).map_err(|e| LogError::Encode(e.to_string()))?;
-        let value = codec::encode(&header, &body, &self.keys.recipient)?;
+        let row = crate::log::store::op_key(op.dot);
+        let value = codec::encode(&row, &header, &body, &inner.writer_key)?;
         let stored = async {
             if !inner.registered {
-                self.log.register(inner.writer).await?;
+                let sealed = inner.writer_key.seal(&self.keys.recipient)?;
+                self.log.register(inner.writer, sealed).await?;
                 inner.registered = true;
+                let (w, k) = (inner.writer, inner.writer_key.clone());
+                inner.writer_keys.insert(w, k);
             }
             self.log.append(op.dot, value).await
         }
@@ -307,6 +332,7 @@ impl Mailbox {
             // The op may or may not be stored: never reuse its dot for another op. Later writes
             // go out under a fresh writer id; a stored orphan is read back like any other op.
             inner.writer = fresh_writer();
+            inner.writer_key = WriterKey::generate();
             inner.seq = 0;
             inner.registered = false;
             return Err(e.into());
@@ -564,10 +590,14 @@ mod tests {
             op: add("ghost")(1),
         };
         let body = postcard::to_allocvec(&ghost.op).unwrap();
-        log.register(w).await.unwrap();
+        let wk = WriterKey::generate();
+        log.register(w, wk.seal(&identity.to_public()).unwrap())
+            .await
+            .unwrap();
+        let row = crate::log::store::op_key(ghost.dot);
         log.append(
             ghost.dot,
-            codec::encode(&ghost.header(), &body, &identity.to_public()).unwrap(),
+            codec::encode(&row, &ghost.header(), &body, &wk).unwrap(),
         )
         .await
         .unwrap();
