@@ -96,6 +96,10 @@ pub fn number<T: Causal>(items: &[T], floor: impl Fn(&T) -> u64, start: u64) -> 
         } else {
             max_floor + gap(members.len())
         };
+        // Honest floors already start at or above the previous block's end (Fact 2 of
+        // docs/causal-log.md), so this changes nothing for them; a writer that recorded a wrong
+        // floor must not make two ops share a number (which would hide a message).
+        let base = base.max(next);
         for (rank, &i) in members.iter().enumerate() {
             numbers[i] = base + rank as u64;
         }
@@ -181,6 +185,18 @@ mod tests {
         assert_eq!(n.next, 6);
         assert_eq!(n.blocks[1].min_floor, 2);
         assert_eq!(n.blocks[1].base, 3);
+    }
+
+    #[test]
+    fn wrong_floors_never_make_two_ops_share_a_number() {
+        let items = vec![
+            op(1, 1, 1, &[], 5),
+            op(1, 2, 2, &[(1, 1)], 1),
+            op(1, 3, 3, &[(1, 2)], 2),
+        ];
+        let n = number(&items, |t| t.floor, 1);
+        assert_eq!(n.numbers, vec![5, 6, 7]);
+        assert_eq!(n.next, 8);
     }
 
     #[test]
