@@ -421,8 +421,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn processes_converge_and_a_deliverer_without_the_key_can_append() {
+    /// A local store in a temp dir, a user identity and keys that can read.
+    async fn local_env() -> (tempfile::TempDir, Store, Arc<x25519::Identity>, MailboxKeys) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&StorageConfig::Local {
             path: dir.path().into(),
@@ -434,6 +434,12 @@ mod tests {
             recipient: identity.to_public(),
             identity: Some(identity.clone()),
         };
+        (dir, store, identity, keys)
+    }
+
+    #[tokio::test]
+    async fn processes_converge_and_a_deliverer_without_the_key_can_append() {
+        let (_dir, store, identity, keys) = local_env().await;
         let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/inbox-test");
         let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
         let b = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
@@ -496,17 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_watcher_wakes_sessions_on_a_write_from_another_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StorageConfig::Local {
-            path: dir.path().into(),
-        })
-        .await
-        .unwrap();
-        let identity = Arc::new(x25519::Identity::generate());
-        let keys = MailboxKeys {
-            recipient: identity.to_public(),
-            identity: Some(identity),
-        };
+        let (_dir, store, _identity, keys) = local_env().await;
         let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/w");
         let here = Arc::new(Mailbox::open(log.clone(), keys.clone()).await.unwrap());
         let watcher = here.spawn_watcher();
@@ -530,17 +526,7 @@ mod tests {
 
     #[tokio::test]
     async fn checkpoints_collect_rows_and_never_drop_a_late_op() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StorageConfig::Local {
-            path: dir.path().into(),
-        })
-        .await
-        .unwrap();
-        let identity = Arc::new(x25519::Identity::generate());
-        let keys = MailboxKeys {
-            recipient: identity.to_public(),
-            identity: Some(identity.clone()),
-        };
+        let (_dir, store, identity, keys) = local_env().await;
         let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/cp");
         let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
         // A stale writer: opened now, will write later without syncing in between... except
@@ -612,17 +598,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_op_from_a_newer_server_is_refused_loudly() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StorageConfig::Local {
-            path: dir.path().into(),
-        })
-        .await
-        .unwrap();
-        let identity = Arc::new(x25519::Identity::generate());
-        let keys = MailboxKeys {
-            recipient: identity.to_public(),
-            identity: Some(identity),
-        };
+        let (_dir, store, _identity, keys) = local_env().await;
         let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/v");
         let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
         let (dot, _) = a.write(add("m1")).await.unwrap();
