@@ -17,7 +17,7 @@ use tern_server::log::codec;
 use tern_server::log::store::LogStore;
 use tern_server::mail::mailbox::{Mailbox, MailboxKeys};
 use tern_server::mail::view::{self, LogOp, MailOp, MessageId};
-use tern_server::storage::{GarageConfig, InsertOp, StorageConfig, Store};
+use tern_server::storage::{InsertOp, StorageConfig, Store};
 use tern_tests::garage::Garage;
 
 fn ms(d: Duration) -> String {
@@ -240,14 +240,7 @@ async fn main() {
     store_figures("local", &local, n).await;
 
     let garage = Garage::single().await.unwrap();
-    let mut cfg = GarageConfig::new(
-        &garage.s3_endpoint,
-        &garage.k2v_endpoint,
-        &garage.bucket,
-        &garage.access_key_id,
-        &garage.secret_access_key,
-    );
-    cfg.region = garage.region.clone();
+    let cfg = garage.storage_config();
     let remote = Store::open(&StorageConfig::Garage(cfg)).await.unwrap();
     store_figures("garage (1 node)", &remote, n).await;
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use tern_server::storage::{GarageConfig, StorageConfig, Store};
+use tern_server::storage::{StorageConfig, Store};
 use tern_tests::garage::Garage;
 
 struct Stats {
@@ -157,14 +157,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let garage = Garage::single().await?;
-    let mut cfg = GarageConfig::new(
-        &garage.s3_endpoint,
-        &garage.k2v_endpoint,
-        &garage.bucket,
-        &garage.access_key_id,
-        &garage.secret_access_key,
-    );
-    cfg.region = garage.region.clone();
+    let cfg = garage.storage_config();
     let remote = Store::open(&StorageConfig::Garage(cfg)).await?;
 
     let local_stats = measure(&local, quick).await?;

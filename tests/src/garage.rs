@@ -555,6 +555,19 @@ impl Garage {
             .with_context(|| format!("cannot allow the test key on bucket {name:?}"))
     }
 
+    /// Tern's storage config for this cluster (node 0's endpoints, the harness key and bucket).
+    pub fn storage_config(&self) -> tern_server::storage::GarageConfig {
+        let mut cfg = tern_server::storage::GarageConfig::new(
+            &self.s3_endpoint,
+            &self.k2v_endpoint,
+            &self.bucket,
+            &self.access_key_id,
+            &self.secret_access_key,
+        );
+        cfg.region = self.region.clone();
+        cfg
+    }
+
     /// All nodes, running or stopped.
     pub fn nodes(&self) -> &[GarageNode] {
         &self.nodes

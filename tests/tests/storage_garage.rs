@@ -8,15 +8,7 @@ use tern_tests::conformance::Fixture;
 use tern_tests::garage::Garage;
 
 fn config_for(g: &Garage) -> GarageConfig {
-    let mut cfg = GarageConfig::new(
-        &g.s3_endpoint,
-        &g.k2v_endpoint,
-        &g.bucket,
-        &g.access_key_id,
-        &g.secret_access_key,
-    );
-    cfg.region = g.region.clone();
-    cfg
+    g.storage_config()
 }
 
 async fn garage() -> anyhow::Result<Fixture> {

@@ -31,6 +31,43 @@ pub struct Header {
     pub uid_floor: Option<u64>,
 }
 
+/// `[version][len: u32 BE][head][tail]`: the frame of both ops and checkpoints.
+fn frame(head: &[u8], tail: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + head.len() + tail.iter().map(|t| t.len()).sum::<usize>());
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    out.extend_from_slice(head);
+    for t in tail {
+        out.extend_from_slice(t);
+    }
+    out
+}
+
+/// Splits a frame into its head and tail, refusing other versions loudly.
+fn unframe<'a>(key: &str, raw: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), LogError> {
+    let corrupt = |detail: &str| LogError::Corrupt {
+        key: key.to_string(),
+        detail: detail.to_string(),
+    };
+    let (&version, rest) = raw.split_first().ok_or_else(|| corrupt("empty value"))?;
+    if version != FORMAT_VERSION {
+        return Err(LogError::UnsupportedVersion {
+            key: key.to_string(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if rest.len() < 4 {
+        return Err(corrupt("truncated header length"));
+    }
+    let (len, rest) = rest.split_at(4);
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if rest.len() < len {
+        return Err(corrupt("truncated header"));
+    }
+    Ok(rest.split_at(len))
+}
+
 /// A writer's symmetric key for op bodies.
 #[derive(Clone)]
 pub struct WriterKey(pub zeroize::Zeroizing<[u8; 32]>);
@@ -94,13 +131,7 @@ pub fn encode(
             },
         )
         .map_err(|e| LogError::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(5 + head.len() + 24 + sealed.len());
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&(head.len() as u32).to_be_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&sealed);
-    Ok(out)
+    Ok(frame(&head, &[&nonce, &sealed]))
 }
 
 /// Opens the body of the op at row `key` (as returned by `decode_header`).
@@ -130,28 +161,11 @@ pub fn open_body(key: &str, body: &[u8], writer_key: &WriterKey) -> Result<Vec<u
 
 /// The header and the still-encrypted body. `key` names the row in errors.
 pub fn decode_header<'a>(key: &str, raw: &'a [u8]) -> Result<(Header, &'a [u8]), LogError> {
-    let corrupt = |detail: &str| LogError::Corrupt {
+    let (head, body) = unframe(key, raw)?;
+    let header: Header = postcard::from_bytes(head).map_err(|e| LogError::Corrupt {
         key: key.to_string(),
-        detail: detail.to_string(),
-    };
-    let (&version, rest) = raw.split_first().ok_or_else(|| corrupt("empty value"))?;
-    if version != FORMAT_VERSION {
-        return Err(LogError::UnsupportedVersion {
-            key: key.to_string(),
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
-    if rest.len() < 4 {
-        return Err(corrupt("truncated header length"));
-    }
-    let (len, rest) = rest.split_at(4);
-    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if rest.len() < len {
-        return Err(corrupt("truncated header"));
-    }
-    let (head, body) = rest.split_at(len);
-    let header: Header = postcard::from_bytes(head).map_err(|e| corrupt(&e.to_string()))?;
+        detail: e.to_string(),
+    })?;
     Ok((header, body))
 }
 
@@ -165,12 +179,7 @@ pub fn encode_checkpoint(
 ) -> Result<Vec<u8>, LogError> {
     let head = postcard::to_allocvec(headers).map_err(|e| LogError::Encode(e.to_string()))?;
     let sealed = crypto::encrypt_to(recipient, bodies)?;
-    let mut out = Vec::with_capacity(5 + head.len() + sealed.len());
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&(head.len() as u32).to_be_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(&sealed);
-    Ok(out)
+    Ok(frame(&head, &[&sealed]))
 }
 
 /// The headers of a checkpoint and its still-encrypted bodies.
@@ -178,28 +187,11 @@ pub fn decode_checkpoint<'a>(
     key: &str,
     raw: &'a [u8],
 ) -> Result<(Vec<Header>, &'a [u8]), LogError> {
-    let corrupt = |detail: String| LogError::Corrupt {
+    let (head, bodies) = unframe(key, raw)?;
+    let headers = postcard::from_bytes(head).map_err(|e| LogError::Corrupt {
         key: key.to_string(),
-        detail,
-    };
-    let (&version, rest) = raw.split_first().ok_or_else(|| corrupt("empty".into()))?;
-    if version != FORMAT_VERSION {
-        return Err(LogError::UnsupportedVersion {
-            key: key.to_string(),
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
-    if rest.len() < 4 {
-        return Err(corrupt("truncated".into()));
-    }
-    let (len, rest) = rest.split_at(4);
-    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if rest.len() < len {
-        return Err(corrupt("truncated headers".into()));
-    }
-    let (head, bodies) = rest.split_at(len);
-    let headers = postcard::from_bytes(head).map_err(|e| corrupt(e.to_string()))?;
+        detail: e.to_string(),
+    })?;
     Ok((headers, bodies))
 }
 
