@@ -169,30 +169,49 @@ pub fn decode_header<'a>(key: &str, raw: &'a [u8]) -> Result<(Header, &'a [u8]),
     Ok((header, body))
 }
 
-/// A checkpoint body: every op it covers, headers in plaintext (so a writer without the key can
-/// still compute its floors), bodies encrypted together.
-/// Layout: `[version: u8][headers length: u32 BE][headers: postcard][bodies: age(postcard)]`.
+/// A squashed stable prefix (docs/causal-log.md): the ops it covers are replaced by the state
+/// they produce. The floors and the Lamport time are in the clear, so a writer without the key
+/// still computes its floors; the state itself is in the encrypted part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseHead {
+    pub covers: VersionVector,
+    /// (UIDNEXT, HIGHESTMODSEQ + 1) of the prefix.
+    pub floors: (u64, u64),
+    /// The largest Lamport time in the prefix.
+    pub lamport: u64,
+}
+
+/// The plaintext part of a checkpoint: its base, if squashed, and the headers of the ops after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointHead {
+    pub base: Option<BaseHead>,
+    pub headers: Vec<Header>,
+}
+
+/// A checkpoint body: a base and the ops after it, heads in plaintext, the rest (`sealed`: the
+/// base state and the op bodies, encoded by the mail layer) encrypted together.
+/// Layout: `[version: u8][head length: u32 BE][head: postcard][age(sealed)]`.
 pub fn encode_checkpoint(
-    headers: &[Header],
-    bodies: &[u8],
+    head: &CheckpointHead,
+    sealed: &[u8],
     recipient: &age::x25519::Recipient,
 ) -> Result<Vec<u8>, LogError> {
-    let head = postcard::to_allocvec(headers).map_err(|e| LogError::Encode(e.to_string()))?;
-    let sealed = crypto::encrypt_to(recipient, bodies)?;
+    let head = postcard::to_allocvec(head).map_err(|e| LogError::Encode(e.to_string()))?;
+    let sealed = crypto::encrypt_to(recipient, sealed)?;
     Ok(frame(&head, &[&sealed]))
 }
 
-/// The headers of a checkpoint and its still-encrypted bodies.
+/// The head of a checkpoint and its still-encrypted rest.
 pub fn decode_checkpoint<'a>(
     key: &str,
     raw: &'a [u8],
-) -> Result<(Vec<Header>, &'a [u8]), LogError> {
-    let (head, bodies) = unframe(key, raw)?;
-    let headers = postcard::from_bytes(head).map_err(|e| LogError::Corrupt {
+) -> Result<(CheckpointHead, &'a [u8]), LogError> {
+    let (head, rest) = unframe(key, raw)?;
+    let head = postcard::from_bytes(head).map_err(|e| LogError::Corrupt {
         key: key.to_string(),
         detail: e.to_string(),
     })?;
-    Ok((headers, bodies))
+    Ok((head, rest))
 }
 
 pub fn decrypt_body(

@@ -5,7 +5,10 @@
 //! - `o/<writer>/<seq>`: the op `(writer, seq)`, in the format of `codec`.
 //!
 //! - `c/<writer>/<seq>`: a checkpoint: the version vector it covers (plaintext) and the key of
-//!   the blob `ck/<partition>/<writer>/<seq>` holding the encrypted op set.
+//!   the blob `ck/<partition>/<writer>/<seq>` holding the encrypted op set;
+//! - `l/<writer>`: the writer's lease: `Live { seen }` (renewed while it writes, naming what it
+//!   has seen) or `Expired` (written by a collector that watched it stay unchanged for the
+//!   expiry time). Written before the writer's first op. See `docs/causal-log.md`, "Leases".
 //!
 //! Keys are fixed-width hex, so a range per writer returns its ops in sequence order. Reading
 //! "everything not in this version vector" is one batch of per-writer ranges, so an op that
@@ -18,7 +21,10 @@ use std::time::Duration;
 use super::LogError;
 use super::clock::{Dot, VersionVector, WriterId};
 use super::codec::{self, Header};
-use crate::storage::{BlobStore, DeleteRange, KeyRange, PollRange, ReadRange, RowStore};
+use crate::storage::{
+    BlobStore, CausalityToken, DeleteRange, Item, KeyRange, PollRange, ReadRange, RowStore,
+    StorageError,
+};
 
 /// An op as read: its row key, its header, and its still-encrypted body.
 #[derive(Debug, Clone)]
@@ -54,9 +60,103 @@ pub fn op_key(dot: Dot) -> String {
     format!("o/{:016x}/{:016x}", dot.writer.0, dot.seq)
 }
 
+fn lease_key(w: WriterId) -> String {
+    format!("l/{:016x}", w.0)
+}
+
 fn parse_writer(key: &str) -> Option<WriterId> {
-    let hex = key.strip_prefix("w/")?;
+    let hex = key.strip_prefix("w/").or_else(|| key.strip_prefix("l/"))?;
     u64::from_str_radix(hex, 16).ok().map(WriterId)
+}
+
+/// A writer's lease, in the clear: it reveals only the causal structure, as op headers do.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Lease {
+    /// The writer may write; it had seen `seen` when it last renewed.
+    Live { seen: VersionVector },
+    /// A collector declared the writer gone; it never writes under this id again.
+    Expired,
+}
+
+/// A lease row as read: every sibling (`None`: a tombstone) and the token covering them.
+#[derive(Debug, Clone)]
+pub struct LeaseRow {
+    pub writer: WriterId,
+    pub values: Vec<Option<Lease>>,
+    pub token: CausalityToken,
+}
+
+impl LeaseRow {
+    /// The writer counts as live unless a collector's `Expired` (or a deletion) is the only
+    /// thing left: a renewal racing an expiry keeps it live (the collector backs off).
+    pub fn live_seen(&self) -> Option<VersionVector> {
+        let mut seen: Option<VersionVector> = None;
+        for v in self.values.iter().flatten() {
+            if let Lease::Live { seen: s } = v {
+                // Siblings: count only what every one of them had seen.
+                seen = Some(match seen {
+                    None => s.clone(),
+                    Some(prev) => {
+                        VersionVector(prev.0.iter().map(|(&w, &n)| (w, n.min(s.get(w)))).collect())
+                    }
+                });
+            }
+        }
+        seen
+    }
+
+    /// Only `Live` values: nobody has tried to expire the writer.
+    pub fn undisputed(&self) -> bool {
+        self.values
+            .iter()
+            .all(|v| matches!(v, Some(Lease::Live { .. })))
+    }
+}
+
+fn encode_lease(lease: &Lease) -> Result<Vec<u8>, LogError> {
+    let mut out = vec![codec::FORMAT_VERSION];
+    out.extend(postcard::to_allocvec(lease).map_err(|e| LogError::Encode(e.to_string()))?);
+    Ok(out)
+}
+
+fn decode_lease(key: &str, raw: &[u8]) -> Result<Lease, LogError> {
+    match raw.split_first() {
+        Some((&codec::FORMAT_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| LogError::Corrupt {
+                key: key.to_string(),
+                detail: e.to_string(),
+            })
+        }
+        Some((&v, _)) => Err(LogError::UnsupportedVersion {
+            key: key.to_string(),
+            found: v,
+            supported: codec::FORMAT_VERSION,
+        }),
+        None => Err(LogError::Corrupt {
+            key: key.to_string(),
+            detail: "empty lease".into(),
+        }),
+    }
+}
+
+fn lease_row(item: &Item) -> Result<Option<LeaseRow>, LogError> {
+    let Some(writer) = parse_writer(&item.sort_key) else {
+        return Ok(None);
+    };
+    let values = item
+        .values
+        .iter()
+        .map(|v| {
+            v.as_deref()
+                .map(|v| decode_lease(&item.sort_key, v))
+                .transpose()
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Some(LeaseRow {
+        writer,
+        values,
+        token: item.token.clone(),
+    }))
 }
 
 impl LogStore {
@@ -155,6 +255,104 @@ impl LogStore {
 
     pub fn partition(&self) -> &str {
         &self.partition
+    }
+
+    fn single(&self, key: String) -> DeleteRange {
+        DeleteRange {
+            partition_key: self.partition.clone(),
+            prefix: None,
+            start: Some(key),
+            end: None,
+            single_item: true,
+        }
+    }
+
+    /// Deletes a checkpoint another one supersedes: the row first, so a reader never lists a
+    /// checkpoint whose body is gone for good (one that listed it just before reads again).
+    pub async fn delete_checkpoint(&self, r: &CheckpointRef) -> Result<(), LogError> {
+        let prefix = format!("ck/{}/", self.partition);
+        let suffix = r
+            .blob
+            .strip_prefix(&prefix)
+            .ok_or_else(|| LogError::Corrupt {
+                key: r.blob.clone(),
+                detail: "checkpoint blob outside its log".into(),
+            })?;
+        self.rows
+            .delete_batch(vec![self.single(format!("c/{suffix}"))])
+            .await?;
+        match self.blobs.delete(&r.blob).await {
+            Ok(()) | Err(StorageError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes a lease value; `token` (from the last read) supersedes what that read saw.
+    pub async fn put_lease(
+        &self,
+        writer: WriterId,
+        lease: &Lease,
+        token: Option<&CausalityToken>,
+    ) -> Result<(), LogError> {
+        self.rows
+            .insert_item(
+                &self.partition,
+                &lease_key(writer),
+                token,
+                encode_lease(lease)?,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn read_lease(&self, writer: WriterId) -> Result<Option<LeaseRow>, LogError> {
+        match self
+            .rows
+            .read_item(&self.partition, &lease_key(writer))
+            .await?
+        {
+            Some(item) => lease_row(&item),
+            None => Ok(None),
+        }
+    }
+
+    /// Every lease row of the log.
+    pub async fn leases(&self) -> Result<Vec<LeaseRow>, LogError> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .rows
+                .read_range(ReadRange {
+                    partition_key: self.partition.clone(),
+                    range: KeyRange {
+                        prefix: Some("l/".into()),
+                        start: start.clone(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .await?;
+            for item in &page.items {
+                out.extend(lease_row(item)?);
+            }
+            if !page.more {
+                return Ok(out);
+            }
+            start = page.next_start;
+        }
+    }
+
+    /// Forgets a writer that is gone and whose every op a checkpoint holds: its registry row
+    /// first (readers stop looking for its ops), then its lease.
+    pub async fn forget_writer(&self, writer: WriterId) -> Result<(), LogError> {
+        self.rows
+            .delete_batch(vec![self.single(writer_key(writer))])
+            .await?;
+        self.rows
+            .delete_batch(vec![self.single(lease_key(writer))])
+            .await?;
+        Ok(())
     }
 
     /// Records `writer` (and its sealed body key) before its first op, so readers look for its

@@ -2,22 +2,28 @@
 //! computed from them. One `Mailbox` per (process, mailbox) is shared by every session, so the
 //! ops are read and decrypted once.
 //!
-//! Writing: sync first (read what others wrote), then write one op that names what it saw. A
-//! handle without the user's identity (LMTP) can still append: the plaintext headers give it
-//! UIDNEXT and HIGHESTMODSEQ; it never sees flags or contents.
+//! Writing: hold a lease, sync (read what others wrote), then write one op that names what it
+//! saw. A handle without the user's identity (LMTP) can still append: the plaintext headers give
+//! it UIDNEXT and HIGHESTMODSEQ; it never sees flags or contents.
+//!
+//! Maintenance (a handle with the key): checkpoints, squashing the causally stable prefix into a
+//! base state, collecting op rows and old checkpoints, expiring the leases of writers that went
+//! away. See docs/causal-log.md ("Checkpoints", "Leases").
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use age::x25519;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 
 use super::view::{self, LogOp, MailOp, MailboxState};
 use crate::log::LogError;
 use crate::log::clock::{Dot, VersionVector, WriterId};
-use crate::log::codec::{self, Header, WriterKey};
-use crate::log::store::{CheckpointRef, LogStore};
+use crate::log::codec::{self, BaseHead, CheckpointHead, Header, WriterKey};
+use crate::log::store::{CheckpointRef, Lease, LogStore};
+use crate::storage::{CausalityToken, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailboxError {
@@ -27,6 +33,8 @@ pub enum MailboxError {
     Corrupt { key: String, detail: String },
     #[error("this handle cannot read the mailbox (no key): {0}")]
     Locked(&'static str),
+    #[error("the writer lease ran out before the op was sent; nothing was written, retry")]
+    LeaseLost,
 }
 
 /// The keys a handle holds: always the public recipient; the identity only when the user is
@@ -37,27 +45,145 @@ pub struct MailboxKeys {
     pub identity: Option<Arc<x25519::Identity>>,
 }
 
+/// Writer leases. Only durations measured on one machine's monotonic clock are used: a writer
+/// sends ops for at most `send_limit` after sending its last renewal, and a collector expires a
+/// lease it has watched stay unchanged for `expire_after`. Safe while
+/// `send_limit + (longest a write can take to land) < expire_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct LeasePolicy {
+    pub renew_after: Duration,
+    pub send_limit: Duration,
+    pub expire_after: Duration,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> LeasePolicy {
+        LeasePolicy {
+            renew_after: Duration::from_secs(60),
+            send_limit: Duration::from_secs(120),
+            // Storage requests time out within a minute or two; leave a wide margin.
+            expire_after: Duration::from_secs(600),
+        }
+    }
+}
+
+/// When a handle with the key writes a checkpoint: `every_ops` ops not in any checkpoint, or
+/// `every` elapsed with at least one.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    pub every_ops: u64,
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> CheckpointPolicy {
+        CheckpointPolicy {
+            every_ops: 1000,
+            every: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MailboxPolicy {
+    pub lease: LeasePolicy,
+    pub checkpoint: CheckpointPolicy,
+}
+
+/// The encrypted part of a checkpoint: the base state (if squashed) and the op bodies, in the
+/// order of the plaintext headers.
+#[derive(Serialize, Deserialize)]
+struct CheckpointPayload {
+    base: Option<MailboxState>,
+    bodies: Vec<Vec<u8>>,
+}
+
+/// A squashed stable prefix: its plaintext head, and its state when the handle has the key.
+#[derive(Clone)]
+struct Base {
+    head: BaseHead,
+    state: Option<MailboxState>,
+}
+
+/// The lease this handle holds on its writer id.
+struct HeldLease {
+    token: CausalityToken,
+    /// When the renewal now in force was sent.
+    renewed: Instant,
+}
+
+/// What one `maintain` pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Maintenance {
+    pub checkpoint: Option<CheckpointRef>,
+    /// Ops folded into the base state by this pass.
+    pub squashed: u64,
+    pub rows_collected: u64,
+    pub checkpoints_deleted: usize,
+    pub writers_expired: usize,
+    pub writers_forgotten: usize,
+}
+
 struct Inner {
-    /// Every op absorbed (rows and checkpoints may deliver them in any order).
+    /// Ops absorbed after the base (rows and checkpoints may deliver them in any order).
     seen: HashSet<Dot>,
-    since_checkpoint: u64,
+    base: Option<Base>,
+    /// Everything some checkpoint read or written here holds.
+    checkpointed: VersionVector,
     last_checkpoint: Instant,
     /// Body keys of the writers seen so far (opened with the identity).
     writer_keys: HashMap<WriterId, WriterKey>,
     writer: WriterId,
     writer_key: WriterKey,
     seq: u64,
-    registered: bool,
+    lease: Option<HeldLease>,
+    /// Lease tokens of other writers as first seen unchanged, for expiry.
+    observed: HashMap<WriterId, (String, Instant)>,
     lamport: u64,
     vv: VersionVector,
+    /// Headers and ops after the base.
     headers: Vec<Header>,
     ops: Vec<LogOp>,
     state: Option<MailboxState>,
 }
 
+impl Inner {
+    fn base_covers(&self, dot: Dot) -> bool {
+        self.base
+            .as_ref()
+            .is_some_and(|b| b.head.covers.covers(dot))
+    }
+
+    fn base_state(&self) -> MailboxState {
+        self.base
+            .as_ref()
+            .and_then(|b| b.state.clone())
+            .unwrap_or_default()
+    }
+
+    fn floors(&self) -> (u64, u64) {
+        match &self.state {
+            Some(s) => s.floors(),
+            None => view::next_floors_on(
+                self.base.as_ref().map_or((1, 1), |b| b.head.floors),
+                &self.headers,
+            ),
+        }
+    }
+
+    /// A fresh writer id after a failed or abandoned one: never reuse a dot that may be stored.
+    fn new_writer(&mut self) {
+        self.writer = fresh_writer();
+        self.writer_key = WriterKey::generate();
+        self.seq = 0;
+        self.lease = None;
+    }
+}
+
 pub struct Mailbox {
     log: LogStore,
     keys: MailboxKeys,
+    policy: MailboxPolicy,
     inner: Mutex<Inner>,
     /// Bumped whenever the state changes; every local session watches it.
     changes: watch::Sender<u64>,
@@ -70,21 +196,52 @@ fn fresh_writer() -> WriterId {
     WriterId(rand::random::<u64>() | 1)
 }
 
+fn corrupt(key: &str, detail: impl ToString) -> MailboxError {
+    MailboxError::Corrupt {
+        key: key.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn meet(a: &VersionVector, b: &VersionVector) -> VersionVector {
+    VersionVector(
+        a.0.iter()
+            .map(|(&w, &n)| (w, n.min(b.get(w))))
+            .filter(|&(_, n)| n > 0)
+            .collect(),
+    )
+}
+
+fn count(vv: &VersionVector) -> u64 {
+    vv.0.values().sum()
+}
+
 impl Mailbox {
-    /// Opens the mailbox and reads its whole log (checkpoints come with issue #3's next step).
+    /// Opens the mailbox with the default policy: newest checkpoints plus the ops after them.
     pub async fn open(log: LogStore, keys: MailboxKeys) -> Result<Mailbox, MailboxError> {
+        Mailbox::open_with(log, keys, MailboxPolicy::default()).await
+    }
+
+    pub async fn open_with(
+        log: LogStore,
+        keys: MailboxKeys,
+        policy: MailboxPolicy,
+    ) -> Result<Mailbox, MailboxError> {
         let mailbox = Mailbox {
             log,
             keys,
+            policy,
             inner: Mutex::new(Inner {
                 seen: HashSet::new(),
-                since_checkpoint: 0,
+                base: None,
+                checkpointed: VersionVector::default(),
                 last_checkpoint: Instant::now(),
                 writer_keys: HashMap::new(),
                 writer: fresh_writer(),
                 writer_key: WriterKey::generate(),
                 seq: 0,
-                registered: false,
+                lease: None,
+                observed: HashMap::new(),
                 lamport: 0,
                 vv: VersionVector::default(),
                 headers: Vec::new(),
@@ -122,23 +279,45 @@ impl Mailbox {
                     let wk = inner
                         .writer_keys
                         .get(&op.header.dot.writer)
-                        .ok_or_else(|| MailboxError::Corrupt {
-                            key: op.key.clone(),
-                            detail: "op from a writer with no registry row".into(),
-                        })?;
+                        .ok_or_else(|| corrupt(&op.key, "op from a writer with no registry row"))?;
                     Some(codec::open_body(&op.key, &op.body, wk)?)
                 }
                 None => None,
             };
             fresh |= self.absorb(inner, &op.key, op.header, body.as_deref())?;
         }
-        for cp in self.log.checkpoints().await? {
-            if !cp.covers.le(&inner.vv) {
-                fresh |= self.absorb_checkpoint(inner, &cp).await?;
+        let mut rebased = false;
+        // A checkpoint listed here may be deleted by a collector before we load it, once a
+        // newer one holds everything it held: list again.
+        let mut attempts = 0;
+        'listing: loop {
+            attempts += 1;
+            for cp in self.log.checkpoints().await? {
+                if cp.covers.le(&inner.checkpointed) && cp.covers.le(&inner.vv) {
+                    continue;
+                }
+                match self.absorb_checkpoint(inner, &cp).await {
+                    Ok((f, r)) => {
+                        fresh |= f;
+                        rebased |= r;
+                    }
+                    Err(MailboxError::Log(LogError::Storage(StorageError::NotFound(_))))
+                        if attempts < 5 =>
+                    {
+                        continue 'listing;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+            break;
         }
         if fresh && self.keys.identity.is_some() {
-            inner.state = Self::advance(inner.state.take(), vv_before, &inner.ops, ops_before);
+            let advanced = match rebased {
+                false => Self::advance(inner.state.take(), vv_before, &inner.ops, ops_before),
+                true => None,
+            };
+            inner.state =
+                Some(advanced.unwrap_or_else(|| view::compute_on(&inner.base_state(), &inner.ops)));
         }
         if fresh {
             self.changes.send_modify(|v| *v += 1);
@@ -146,8 +325,9 @@ impl Mailbox {
         Ok(fresh)
     }
 
-    /// The state after `ops[from..]` were added: op by op while each one had seen everything
-    /// before it (the sequential case, O(log n) per op), else one full recomputation.
+    /// The state after `ops[from..]` were added, op by op while each one had seen everything
+    /// before it (the sequential case, O(log n) per op); `None` when a full recomputation is
+    /// needed.
     fn advance(
         state: Option<MailboxState>,
         mut seen: VersionVector,
@@ -166,7 +346,7 @@ impl Mailbox {
             }
             seen.include(op.dot);
         }
-        Some(state.unwrap_or_else(|| view::compute(ops)))
+        state
     }
 
     /// Folds one op in (once); `body` is its decrypted body when this handle has the key.
@@ -177,100 +357,364 @@ impl Mailbox {
         header: Header,
         body: Option<&[u8]>,
     ) -> Result<bool, MailboxError> {
-        if !inner.seen.insert(header.dot) {
+        if inner.base_covers(header.dot) || !inner.seen.insert(header.dot) {
             return Ok(false);
         }
         inner.lamport = inner.lamport.max(header.lamport);
         inner.vv.include(header.dot);
         if let Some(body) = body {
-            let mail_op: MailOp =
-                postcard::from_bytes(body).map_err(|e| MailboxError::Corrupt {
-                    key: key.to_string(),
-                    detail: e.to_string(),
-                })?;
-            let full = LogOp::from_parts(header.clone(), mail_op).ok_or_else(|| {
-                MailboxError::Corrupt {
-                    key: key.to_string(),
-                    detail: "body disagrees with its header".into(),
-                }
-            })?;
+            let mail_op: MailOp = postcard::from_bytes(body).map_err(|e| corrupt(key, e))?;
+            let full = LogOp::from_parts(header.clone(), mail_op)
+                .ok_or_else(|| corrupt(key, "body disagrees with its header"))?;
             inner.ops.push(full);
         }
         inner.headers.push(header);
         Ok(true)
     }
 
+    /// Adopts a checkpoint's base if it is newer than ours, then its ops. Returns (anything new,
+    /// base changed).
     async fn absorb_checkpoint(
         &self,
         inner: &mut Inner,
         cp: &CheckpointRef,
-    ) -> Result<bool, MailboxError> {
+    ) -> Result<(bool, bool), MailboxError> {
         let raw = self.log.load_checkpoint(cp).await?;
-        let (headers, sealed) = codec::decode_checkpoint(&cp.blob, &raw)?;
-        let bodies: Option<Vec<Vec<u8>>> = match &self.keys.identity {
+        let (head, sealed) = codec::decode_checkpoint(&cp.blob, &raw)?;
+        let payload: Option<CheckpointPayload> = match &self.keys.identity {
             Some(identity) => {
                 let plain = codec::decrypt_body(&cp.blob, sealed, identity)?;
-                let bodies: Vec<Vec<u8>> =
-                    postcard::from_bytes(&plain).map_err(|e| MailboxError::Corrupt {
-                        key: cp.blob.clone(),
-                        detail: e.to_string(),
-                    })?;
-                if bodies.len() != headers.len() {
-                    return Err(MailboxError::Corrupt {
-                        key: cp.blob.clone(),
-                        detail: "headers and bodies differ in number".into(),
-                    });
+                let payload: CheckpointPayload =
+                    postcard::from_bytes(&plain).map_err(|e| corrupt(&cp.blob, e))?;
+                if payload.bodies.len() != head.headers.len()
+                    || payload.base.is_some() != head.base.is_some()
+                {
+                    return Err(corrupt(&cp.blob, "plaintext and sealed parts disagree"));
                 }
-                Some(bodies)
+                Some(payload)
             }
             None => None,
         };
         let mut fresh = false;
-        for (i, header) in headers.into_iter().enumerate() {
-            let body = bodies.as_ref().map(|b| b[i].as_slice());
+        let mut rebased = false;
+        if let Some(head_base) = head.base {
+            let current = inner.base.as_ref().map(|b| &b.head.covers);
+            let newer = match current {
+                None => true,
+                Some(c) if head_base.covers.le(c) => false,
+                Some(c) if c.le(&head_base.covers) => true,
+                Some(c) => {
+                    // Stable prefixes are nested; two that are not mean a writer broke its
+                    // lease. Keep the larger; the other one's ops are still read as ops.
+                    tracing::error!(
+                        partition = self.log.partition(),
+                        checkpoint = cp.blob,
+                        "two squashed checkpoints with incomparable bases"
+                    );
+                    count(&head_base.covers) > count(c)
+                }
+            };
+            if newer {
+                let covers = head_base.covers.clone();
+                inner.lamport = inner.lamport.max(head_base.lamport);
+                inner.vv.merge(&covers);
+                inner.seen.retain(|d| !covers.covers(*d));
+                inner.ops.retain(|o| !covers.covers(o.dot));
+                inner.headers.retain(|h| !covers.covers(h.dot));
+                inner.base = Some(Base {
+                    head: head_base,
+                    state: payload.as_ref().and_then(|p| p.base.clone()),
+                });
+                fresh = true;
+                rebased = true;
+            }
+        }
+        for (i, header) in head.headers.into_iter().enumerate() {
+            let body = payload.as_ref().map(|p| p.bodies[i].as_slice());
             fresh |= self.absorb(inner, &cp.blob, header, body)?;
         }
-        Ok(fresh)
+        inner.checkpointed.merge(&cp.covers);
+        Ok((fresh, rebased))
     }
 
     /// Writes a checkpoint of everything this handle has read (needs the key). Concurrent
-    /// checkpoints are all kept: a reader takes the union, which is again a valid op set.
+    /// checkpoints are all kept until a newer one holds them: a reader takes the union, which
+    /// is again a valid op set.
     pub async fn checkpoint(&self) -> Result<CheckpointRef, MailboxError> {
         let mut inner = self.inner.lock().await;
         self.sync_locked(&mut inner).await?;
+        self.write_checkpoint(&mut inner, None).await
+    }
+
+    /// Writes a checkpoint: the base (the new one `squash` names, a stable prefix, or the
+    /// current one) and every op after it.
+    async fn write_checkpoint(
+        &self,
+        inner: &mut Inner,
+        squash: Option<VersionVector>,
+    ) -> Result<CheckpointRef, MailboxError> {
         if self.keys.identity.is_none() {
             return Err(MailboxError::Locked("writing a checkpoint"));
         }
-        let headers: Vec<Header> = inner.ops.iter().map(LogOp::header).collect();
-        let bodies: Vec<Vec<u8>> = inner
+        let encode = |e: postcard::Error| MailboxError::Log(LogError::Encode(e.to_string()));
+        let mut base = inner.base.clone();
+        if let Some(covers) = squash {
+            let (inside, _): (Vec<LogOp>, Vec<LogOp>) = inner
+                .ops
+                .iter()
+                .cloned()
+                .partition(|o| covers.covers(o.dot));
+            let state = view::compute_on(&inner.base_state(), &inside);
+            let lamport = inside
+                .iter()
+                .map(|o| o.lamport)
+                .chain(base.as_ref().map(|b| b.head.lamport))
+                .max()
+                .unwrap_or(0);
+            base = Some(Base {
+                head: BaseHead {
+                    covers,
+                    floors: state.floors(),
+                    lamport,
+                },
+                state: Some(state),
+            });
+        }
+        let after: Vec<&LogOp> = inner
             .ops
             .iter()
-            .map(|o| postcard::to_allocvec(&o.op))
-            .collect::<Result<_, _>>()
-            .map_err(|e| LogError::Encode(e.to_string()))?;
-        let bodies = postcard::to_allocvec(&bodies).map_err(|e| LogError::Encode(e.to_string()))?;
-        let value = codec::encode_checkpoint(&headers, &bodies, &self.keys.recipient)?;
+            .filter(|o| !base.as_ref().is_some_and(|b| b.head.covers.covers(o.dot)))
+            .collect();
+        let head = CheckpointHead {
+            base: base.as_ref().map(|b| b.head.clone()),
+            headers: after.iter().map(|o| o.header()).collect(),
+        };
+        let payload = CheckpointPayload {
+            base: base.as_ref().map(|b| b.state.clone().unwrap_or_default()),
+            bodies: after
+                .iter()
+                .map(|o| postcard::to_allocvec(&o.op))
+                .collect::<Result<_, _>>()
+                .map_err(encode)?,
+        };
+        let sealed = zeroize::Zeroizing::new(postcard::to_allocvec(&payload).map_err(encode)?);
+        let value = codec::encode_checkpoint(&head, &sealed, &self.keys.recipient)?;
         let id = Dot {
             writer: inner.writer,
             seq: rand::random(),
         };
         let r = self.log.put_checkpoint(id, &inner.vv, value).await?;
-        inner.since_checkpoint = 0;
+        if let Some(b) = base {
+            let covers = b.head.covers.clone();
+            inner.seen.retain(|d| !covers.covers(*d));
+            inner.ops.retain(|o| !covers.covers(o.dot));
+            inner.headers.retain(|h| !covers.covers(h.dot));
+            inner.base = Some(b);
+        }
+        inner.checkpointed.merge(&r.covers);
         inner.last_checkpoint = Instant::now();
         Ok(r)
     }
 
-    /// Is a checkpoint due: `every_ops` ops written here since the last one, or `every` elapsed
-    /// with at least one op?
+    /// Is a checkpoint due by the policy: enough ops in no checkpoint, or enough time with one?
+    pub async fn maintenance_due(&self) -> bool {
+        let inner = self.inner.lock().await;
+        self.due(&inner)
+    }
+
+    fn due(&self, inner: &Inner) -> bool {
+        let pending = inner
+            .headers
+            .iter()
+            .filter(|h| !inner.checkpointed.covers(h.dot))
+            .count() as u64;
+        let policy = self.policy.checkpoint;
+        pending >= policy.every_ops
+            || (pending > 0 && inner.last_checkpoint.elapsed() >= policy.every)
+    }
+
+    /// Is a checkpoint due: `every_ops` ops in no checkpoint, or `every` elapsed with at least
+    /// one? (The policy's figures, given explicitly.)
     pub async fn checkpoint_due(&self, every_ops: u64, every: Duration) -> bool {
         let inner = self.inner.lock().await;
-        inner.since_checkpoint >= every_ops
-            || (inner.since_checkpoint > 0 && inner.last_checkpoint.elapsed() >= every)
+        let pending = inner
+            .headers
+            .iter()
+            .filter(|h| !inner.checkpointed.covers(h.dot))
+            .count() as u64;
+        pending >= every_ops || (pending > 0 && inner.last_checkpoint.elapsed() >= every)
     }
 
     /// Deletes the op rows a stored checkpoint covers.
     pub async fn collect(&self, cp: &CheckpointRef) -> Result<u64, MailboxError> {
         Ok(self.log.collect(&cp.covers).await?)
+    }
+
+    /// One maintenance pass (needs the key): expire the leases of writers that went away, find
+    /// the causally stable prefix, write a checkpoint with it squashed into a base state,
+    /// then collect the op rows and checkpoints that checkpoint makes redundant and forget
+    /// writers that are gone with all their ops in the base.
+    pub async fn maintain(&self) -> Result<Maintenance, MailboxError> {
+        if self.keys.identity.is_none() {
+            return Err(MailboxError::Locked("maintaining the log"));
+        }
+        let mut inner = self.inner.lock().await;
+        let mut report = Maintenance::default();
+        // Only ops stored before the leases were read can be in the prefix (a writer that
+        // registers after the read syncs after registering, so it sees them all).
+        self.sync_locked(&mut inner).await?;
+        let before = inner.vv.clone();
+        let leases = self.log.leases().await?;
+        self.sync_locked(&mut inner).await?;
+        let old_checkpoints = self.log.checkpoints().await?;
+
+        let now = Instant::now();
+        let mut stable = before;
+        let mut gone: Vec<WriterId> = Vec::new();
+        for row in &leases {
+            if row.writer == inner.writer && inner.lease.is_some() {
+                continue; // our own lease: our next op follows everything we hold
+            }
+            let Some(seen) = row.live_seen() else {
+                gone.push(row.writer);
+                continue;
+            };
+            let token = row.token.as_str().to_string();
+            let since = match inner.observed.get(&row.writer) {
+                Some((t, at)) if *t == token => *at,
+                _ => {
+                    inner.observed.insert(row.writer, (token, now));
+                    now
+                }
+            };
+            if now.duration_since(since) >= self.policy.lease.expire_after
+                && self.expire(row.writer, &row.token).await?
+            {
+                inner.observed.remove(&row.writer);
+                report.writers_expired += 1;
+                gone.push(row.writer);
+                continue;
+            }
+            stable = meet(&stable, &seen);
+        }
+        // Shrink to a prefix every other op had fully seen.
+        loop {
+            let mut changed = false;
+            for o in &inner.ops {
+                if stable.covers(o.dot) {
+                    continue;
+                }
+                let m = meet(&stable, &o.deps);
+                if m != stable {
+                    stable = m;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let base_covers = inner
+            .base
+            .as_ref()
+            .map(|b| b.head.covers.clone())
+            .unwrap_or_default();
+        let grows = base_covers.le(&stable) && count(&stable) > count(&base_covers);
+        if !(grows || self.due(&inner)) {
+            return Ok(report);
+        }
+        let squash = grows.then(|| stable.clone());
+        report.squashed = if grows {
+            count(&stable) - count(&base_covers)
+        } else {
+            0
+        };
+        let cp = self.write_checkpoint(&mut inner, squash).await?;
+        report.rows_collected = self.log.collect(&cp.covers).await?;
+        for old in old_checkpoints
+            .iter()
+            .filter(|o| o.blob != cp.blob && o.covers.le(&cp.covers))
+        {
+            self.log.delete_checkpoint(old).await?;
+            report.checkpoints_deleted += 1;
+        }
+        let base_covers = inner
+            .base
+            .as_ref()
+            .map(|b| b.head.covers.clone())
+            .unwrap_or_default();
+        for w in gone {
+            // Gone writers send nothing more; once the base holds all their ops, their rows
+            // are no longer needed to read anything.
+            if base_covers.get(w) == inner.vv.get(w) {
+                self.log.forget_writer(w).await?;
+                inner.writer_keys.remove(&w);
+                report.writers_forgotten += 1;
+            }
+        }
+        report.checkpoint = Some(cp);
+        Ok(report)
+    }
+
+    /// Declares `writer` gone: writes `Expired` over the value seen (`token`), then reads back.
+    /// A renewal that raced it leaves a live sibling: then the writer stays (and it will see
+    /// our value on its read-back and abandon the id).
+    async fn expire(&self, writer: WriterId, token: &CausalityToken) -> Result<bool, LogError> {
+        self.log
+            .put_lease(writer, &Lease::Expired, Some(token))
+            .await?;
+        Ok(match self.log.read_lease(writer).await? {
+            Some(row) => row.live_seen().is_none(),
+            None => true,
+        })
+    }
+
+    /// Makes sure this handle holds a lease it may write under: registers a new writer (lease
+    /// first, then its key) or renews one, verifying by reading back that no collector expired
+    /// it; abandons the id for a fresh one if one did.
+    async fn ensure_lease(&self, inner: &mut Inner) -> Result<(), MailboxError> {
+        for _ in 0..3 {
+            let renewing = match &inner.lease {
+                Some(l) if l.renewed.elapsed() < self.policy.lease.renew_after => return Ok(()),
+                Some(l) => Some(l.token.clone()),
+                None => None,
+            };
+            let sent = Instant::now();
+            let mine = Lease::Live {
+                seen: inner.vv.clone(),
+            };
+            self.log
+                .put_lease(inner.writer, &mine, renewing.as_ref())
+                .await?;
+            let row = self.log.read_lease(inner.writer).await?;
+            match row {
+                Some(row) if row.undisputed() && row.values.contains(&Some(mine)) => {
+                    if renewing.is_none() {
+                        let sealed = inner.writer_key.seal(&self.keys.recipient)?;
+                        self.log.register(inner.writer, sealed).await?;
+                        let (w, k) = (inner.writer, inner.writer_key.clone());
+                        inner.writer_keys.insert(w, k);
+                    }
+                    inner.lease = Some(HeldLease {
+                        token: row.token,
+                        renewed: sent,
+                    });
+                    return Ok(());
+                }
+                _ => {
+                    tracing::info!(
+                        partition = self.log.partition(),
+                        writer = inner.writer.0,
+                        "writer lease expired by a collector; taking a fresh writer id"
+                    );
+                    inner.new_writer();
+                }
+            }
+        }
+        Err(MailboxError::Log(LogError::Corrupt {
+            key: self.log.partition().to_string(),
+            detail: "could not obtain a writer lease".into(),
+        }))
     }
 
     /// The current state (needs the identity).
@@ -284,64 +728,63 @@ impl Mailbox {
 
     /// (UIDNEXT, HIGHESTMODSEQ + 1) as this handle knows them.
     pub async fn floors(&self) -> (u64, u64) {
-        let inner = self.inner.lock().await;
-        match &inner.state {
-            Some(s) => s.floors(),
-            None => view::next_floors(&inner.headers),
-        }
+        self.inner.lock().await.floors()
     }
 
-    /// Syncs, then writes one op built from the floors of the synced view. Returns the op's dot
-    /// and, for an add, the UID its writer announced (APPENDUID).
+    /// Takes the lease, syncs, then writes one op built from the floors of the synced view.
+    /// Returns the op's dot and, for an add, the UID its writer announced (APPENDUID).
     pub async fn write(
         &self,
         build: impl FnOnce(u64) -> MailOp,
     ) -> Result<(Dot, Option<u64>), MailboxError> {
         let mut inner = self.inner.lock().await;
-        self.sync_locked(&mut inner).await?;
-        let (uid_next, modseq_floor) = match &inner.state {
-            Some(s) => s.floors(),
-            None => view::next_floors(&inner.headers),
-        };
-        let op = LogOp {
-            dot: Dot {
-                writer: inner.writer,
-                seq: inner.seq + 1,
-            },
-            lamport: inner.lamport + 1,
-            deps: inner.vv.clone(),
-            modseq_floor,
-            op: build(uid_next),
-        };
-        let header = op.header();
-        let body = postcard::to_allocvec(&op.op).map_err(|e| LogError::Encode(e.to_string()))?;
-        let row = crate::log::store::op_key(op.dot);
-        let value = codec::encode(&row, &header, &body, &inner.writer_key)?;
         let stored = async {
-            if !inner.registered {
-                let sealed = inner.writer_key.seal(&self.keys.recipient)?;
-                self.log.register(inner.writer, sealed).await?;
-                inner.registered = true;
-                let (w, k) = (inner.writer, inner.writer_key.clone());
-                inner.writer_keys.insert(w, k);
+            // Lease before sync: a collector that did not count this writer only squashed
+            // ops stored before it read the leases, which this sync then sees.
+            self.ensure_lease(&mut inner).await?;
+            self.sync_locked(&mut inner).await?;
+            let (uid_next, modseq_floor) = inner.floors();
+            let op = LogOp {
+                dot: Dot {
+                    writer: inner.writer,
+                    seq: inner.seq + 1,
+                },
+                lamport: inner.lamport + 1,
+                deps: inner.vv.clone(),
+                modseq_floor,
+                op: build(uid_next),
+            };
+            let header = op.header();
+            let body =
+                postcard::to_allocvec(&op.op).map_err(|e| LogError::Encode(e.to_string()))?;
+            let row = crate::log::store::op_key(op.dot);
+            let value = codec::encode(&row, &header, &body, &inner.writer_key)?;
+            if inner
+                .lease
+                .as_ref()
+                .is_none_or(|l| l.renewed.elapsed() >= self.policy.lease.send_limit)
+            {
+                // The sync outlasted the lease: do not send under it.
+                return Err(MailboxError::LeaseLost);
             }
-            self.log.append(op.dot, value).await
+            self.log.append(op.dot, value).await?;
+            Ok::<_, MailboxError>((op, header))
         }
         .await;
-        if let Err(e) = stored {
-            // The op may or may not be stored: never reuse its dot for another op. Later writes
-            // go out under a fresh writer id; a stored orphan is read back like any other op.
-            inner.writer = fresh_writer();
-            inner.writer_key = WriterKey::generate();
-            inner.seq = 0;
-            inner.registered = false;
-            return Err(e.into());
-        }
+        let (op, header) = match stored {
+            Ok(x) => x,
+            Err(e) => {
+                // The op may or may not be stored: never reuse its dot for another op. Later
+                // writes go out under a fresh writer id; a stored orphan is read back like any
+                // other op.
+                inner.new_writer();
+                return Err(e);
+            }
+        };
         inner.seq += 1;
         inner.lamport += 1;
         inner.vv.include(op.dot);
         inner.seen.insert(op.dot);
-        inner.since_checkpoint += 1;
         inner.headers.push(header);
         let uid = match &op.op {
             MailOp::Add { uid_floor, .. } => Some(*uid_floor),
@@ -352,7 +795,9 @@ impl Mailbox {
             let vv_before = op.deps.clone();
             inner.ops.push(op);
             let from = inner.ops.len() - 1;
-            inner.state = Self::advance(inner.state.take(), vv_before, &inner.ops, from);
+            let state = Self::advance(inner.state.take(), vv_before, &inner.ops, from);
+            inner.state =
+                Some(state.unwrap_or_else(|| view::compute_on(&inner.base_state(), &inner.ops)));
         }
         self.changes.send_modify(|v| *v += 1);
         Ok((dot, uid))
@@ -365,7 +810,8 @@ impl Mailbox {
     }
 
     /// Starts the one storage watcher of this (process, mailbox): a long-poll on the log that
-    /// syncs on every change and so wakes every subscribed session. It ends when the mailbox is
+    /// syncs on every change and so wakes every subscribed session, and runs `maintain` when
+    /// the checkpoint policy says so (handles with the key). It ends when the mailbox is
     /// dropped.
     pub fn spawn_watcher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Mailbox> = Arc::downgrade(self);
@@ -374,29 +820,32 @@ impl Mailbox {
             let mut marker: Option<String> = None;
             let mut backoff = Duration::from_millis(100);
             loop {
-                match log.wait(marker.as_deref(), WATCH_POLL).await {
+                let polled = log.wait(marker.as_deref(), WATCH_POLL).await;
+                let Some(mailbox) = weak.upgrade() else {
+                    return;
+                };
+                match polled {
                     Ok(Some(next)) => {
                         let first = marker.is_none();
                         marker = Some(next);
-                        let Some(mailbox) = weak.upgrade() else {
-                            return;
-                        };
                         if !first && let Err(e) = mailbox.sync().await {
                             tracing::warn!(partition = log.partition(), error = %e, "mailbox sync failed");
                         }
                         backoff = Duration::from_millis(100);
                     }
-                    Ok(None) => {
-                        if weak.strong_count() == 0 {
-                            return;
-                        }
-                    }
+                    Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(partition = log.partition(), error = %e, "mailbox watch failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
-                        if weak.strong_count() == 0 {
-                            return;
+                        continue;
+                    }
+                }
+                if mailbox.keys.identity.is_some() && mailbox.maintenance_due().await {
+                    match mailbox.maintain().await {
+                        Ok(m) => tracing::debug!(partition = log.partition(), ?m, "log maintained"),
+                        Err(e) => {
+                            tracing::warn!(partition = log.partition(), error = %e, "log maintenance failed")
                         }
                     }
                 }
@@ -618,5 +1067,177 @@ mod tests {
             Err(e) => panic!("wrong error: {e}"),
             Ok(_) => panic!("a newer op must not be skipped silently"),
         }
+    }
+
+    fn quick_policy() -> MailboxPolicy {
+        MailboxPolicy {
+            lease: LeasePolicy {
+                renew_after: Duration::from_millis(30),
+                send_limit: Duration::from_millis(60),
+                expire_after: Duration::from_millis(300),
+            },
+            checkpoint: CheckpointPolicy {
+                every_ops: 10,
+                every: Duration::from_secs(3600),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stable_prefix_is_squashed_and_gone_writers_are_forgotten() {
+        let (_dir, store, identity, keys) = local_env().await;
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/sq");
+        let a = Mailbox::open_with(log.clone(), keys.clone(), quick_policy())
+            .await
+            .unwrap();
+        let b = Mailbox::open_with(log.clone(), keys.clone(), quick_policy())
+            .await
+            .unwrap();
+        for i in 0..20 {
+            a.write(add(&format!("a{i}"))).await.unwrap();
+        }
+        b.write(add("b0")).await.unwrap();
+        // b's next write renews its lease, naming all it has seen (a0..a19, b0).
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        b.write(|_| MailOp::Flags {
+            msg: MessageId("b0".into()),
+            action: FlagAction::Add,
+            flags: BTreeSet::from(["\\Seen".to_string()]),
+        })
+        .await
+        .unwrap();
+        a.write(add("a20")).await.unwrap();
+
+        // b's lease names what b had seen: the prefix stops there.
+        let first = a.maintain().await.unwrap();
+        assert!(first.checkpoint.is_some(), "{first:?}");
+        assert_eq!(first.squashed, 21, "a0..a19 and b0: {first:?}");
+        assert_eq!(first.writers_expired, 0);
+
+        // b goes quiet; once its lease has been watched unchanged for the expiry time, it is
+        // expired, everything is stable, and b's rows are forgotten.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        a.write(add("a21")).await.unwrap();
+        let second = a.maintain().await.unwrap();
+        assert_eq!(second.writers_expired, 1, "{second:?}");
+        assert_eq!(second.writers_forgotten, 1, "{second:?}");
+        let all = count(&a.inner.lock().await.vv);
+        assert_eq!(
+            count(&a.inner.lock().await.base.as_ref().unwrap().head.covers),
+            all
+        );
+        assert!(second.checkpoints_deleted >= 1, "{second:?}");
+
+        // A cold open reads the base alone and agrees; so do the floors without the key.
+        let fresh = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        assert_eq!(fresh.state().await.unwrap(), a.state().await.unwrap());
+        assert!(fresh.inner.lock().await.ops.is_empty());
+        let lmtp = Mailbox::open(
+            log.clone(),
+            MailboxKeys {
+                recipient: identity.to_public(),
+                identity: None,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(lmtp.floors().await, a.floors().await);
+
+        // b comes back: its lease is gone, so it takes a fresh id, and its op lands after all.
+        let old = b.inner.lock().await.writer;
+        let (_, uid) = b.write(add("b1")).await.unwrap();
+        assert_ne!(b.inner.lock().await.writer, old);
+        a.sync().await.unwrap();
+        let s = a.state().await.unwrap();
+        assert_eq!(uid, Some(24));
+        assert_eq!(s.uid_of(&MessageId("b1".into())), Some(24));
+        assert_eq!(s.messages.len(), 24);
+        assert_eq!(s.renumbered, 0);
+    }
+
+    #[tokio::test]
+    async fn nested_squashes_from_two_processes_and_a_late_op_converge() {
+        let (_dir, store, identity, keys) = local_env().await;
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/sq2");
+        let a = Mailbox::open_with(log.clone(), keys.clone(), quick_policy())
+            .await
+            .unwrap();
+        let c = Mailbox::open_with(log.clone(), keys.clone(), quick_policy())
+            .await
+            .unwrap();
+        for i in 0..12 {
+            a.write(add(&format!("a{i}"))).await.unwrap();
+            c.write(|_| MailOp::Flags {
+                msg: MessageId(format!("a{i}")),
+                action: FlagAction::Add,
+                flags: BTreeSet::from(["\\Seen".to_string()]),
+            })
+            .await
+            .unwrap();
+        }
+        // c renews (its lease now names all 24 ops), then a squashes them.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        c.write(|_| MailOp::Flags {
+            msg: MessageId("a0".into()),
+            action: FlagAction::Add,
+            flags: BTreeSet::from(["\\Flagged".to_string()]),
+        })
+        .await
+        .unwrap();
+        let ra = a.maintain().await.unwrap();
+        assert_eq!(ra.squashed, 24, "{ra:?}");
+        // a renews in turn; c squashes a little further on top of a's base.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        a.write(add("a12")).await.unwrap();
+        c.write(|_| MailOp::Expunge {
+            msg: MessageId("a3".into()),
+        })
+        .await
+        .unwrap();
+        let rc = c.maintain().await.unwrap();
+        assert!(ra.squashed > 0 && rc.squashed > 0, "{ra:?} {rc:?}");
+        a.sync().await.unwrap();
+        let reference = a.state().await.unwrap();
+        assert_eq!(c.state().await.unwrap(), reference);
+        assert_eq!(reference.messages.len(), 12);
+        assert_eq!(
+            reference
+                .messages
+                .values()
+                .filter(|m| m.flags.contains("\\Seen"))
+                .count(),
+            11
+        );
+
+        // An op from a writer that never saw anything lands behind both squashes: it is read
+        // as following the base, never dropped.
+        let w = WriterId(7);
+        let ghost = LogOp {
+            dot: Dot { writer: w, seq: 1 },
+            lamport: 1,
+            deps: VersionVector::default(),
+            modseq_floor: 1,
+            op: add("ghost")(1),
+        };
+        let wk = WriterKey::generate();
+        log.register(w, wk.seal(&identity.to_public()).unwrap())
+            .await
+            .unwrap();
+        let row = crate::log::store::op_key(ghost.dot);
+        let body = postcard::to_allocvec(&ghost.op).unwrap();
+        log.append(
+            ghost.dot,
+            codec::encode(&row, &ghost.header(), &body, &wk).unwrap(),
+        )
+        .await
+        .unwrap();
+        for m in [&a, &c] {
+            m.sync().await.unwrap();
+            let s = m.state().await.unwrap();
+            assert!(s.uid_of(&MessageId("ghost".into())).unwrap() >= reference.uid_next);
+            crate::mail::invariants::check_pair(&reference, &s, &[]).unwrap();
+        }
+        let fresh = Mailbox::open(log, keys).await.unwrap();
+        assert_eq!(fresh.state().await.unwrap(), a.state().await.unwrap());
     }
 }

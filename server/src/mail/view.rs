@@ -76,7 +76,7 @@ impl Causal for &LogOp {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageState {
     pub id: MessageId,
     pub flags: BTreeSet<String>,
@@ -84,14 +84,14 @@ pub struct MessageState {
 }
 
 /// UIDs that name nothing any more, with the MODSEQ at which they went (for QRESYNC VANISHED).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vanished {
     pub first: u64,
     pub last: u64,
     pub modseq: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxState {
     pub uid_next: u64,
     pub highest_modseq: u64,
@@ -103,6 +103,20 @@ pub struct MailboxState {
     pub renumbered: usize,
     /// UID of every message ever added (live or expunged), by id.
     pub uids: BTreeMap<MessageId, u64>,
+}
+
+impl Default for MailboxState {
+    /// The state of the empty view.
+    fn default() -> MailboxState {
+        MailboxState {
+            uid_next: 1,
+            highest_modseq: 0,
+            messages: BTreeMap::new(),
+            vanished: Vec::new(),
+            renumbered: 0,
+            uids: BTreeMap::new(),
+        }
+    }
 }
 
 impl MailboxState {
@@ -183,10 +197,19 @@ impl MailboxState {
 
 /// Computes the state of the view made of `ops` (a causally closed set, in any order).
 pub fn compute(ops: &[LogOp]) -> MailboxState {
+    compute_on(&MailboxState::default(), ops)
+}
+
+/// The state of the view `B ∪ ops`, where `base` is the state of a *stable prefix* B: a
+/// causally closed set every op of `ops` follows (its writer had seen all of B). Equal to
+/// `compute` of all the ops of B and `ops` (docs/causal-log.md, "Squashed checkpoints"), without
+/// B's ops. An op that had not seen all of B (a writer that broke its lease) is read as if it
+/// had: it is numbered after B, never dropped.
+pub fn compute_on(base: &MailboxState, ops: &[LogOp]) -> MailboxState {
     let mut sorted: Vec<&LogOp> = ops.iter().collect();
     sorted.sort_by_key(|o| o.id());
 
-    let modseqs = series::number(&sorted, |o| o.modseq_floor, 1);
+    let modseqs = series::number(&sorted, |o| o.modseq_floor, base.highest_modseq + 1);
     let adds: Vec<&LogOp> = sorted
         .iter()
         .copied()
@@ -196,7 +219,7 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
         MailOp::Add { uid_floor, .. } => *uid_floor,
         _ => 0,
     };
-    let uids = series::number(&adds, uid_floor, 1);
+    let uids = series::number(&adds, uid_floor, base.uid_next);
     let modseq_of: BTreeMap<OpId, u64> = sorted
         .iter()
         .zip(&modseqs.numbers)
@@ -210,7 +233,21 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
         expunged: Option<u64>,
     }
     let mut by_msg: BTreeMap<&MessageId, Live> = BTreeMap::new();
-    let mut renumbered = 0;
+    // The base's messages, live and expunged (a later add of an id it holds is a retry).
+    for (id, &uid) in &base.uids {
+        let live = base.uid_of(id).and_then(|u| base.messages.get(&u));
+        by_msg.insert(
+            id,
+            Live {
+                uid,
+                flags: live.map(|m| m.flags.clone()).unwrap_or_default(),
+                modseq: live.map_or(0, |m| m.modseq),
+                // Already reported in the base's `vanished`.
+                expunged: live.is_none().then_some(0),
+            },
+        );
+    }
+    let mut renumbered = base.renumbered;
     for (o, &uid) in adds.iter().zip(&uids.numbers) {
         if let MailOp::Add {
             msg,
@@ -243,15 +280,17 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
                 }
             }
             MailOp::Expunge { msg } => {
+                // The first expunge (in the total order) is when the UID vanished; a later one
+                // (a client with a stale view) changes nothing, as in `apply_next`.
                 if let Some(m) = by_msg.get_mut(msg) {
-                    m.expunged = Some(m.expunged.map_or(ms, |e| e.max(ms)));
+                    m.expunged.get_or_insert(ms);
                 }
             }
         }
     }
 
     let mut messages = BTreeMap::new();
-    let mut vanished = Vec::new();
+    let mut vanished = base.vanished.clone();
     let uids_by_id: BTreeMap<MessageId, u64> = by_msg
         .iter()
         .map(|(id, m)| ((*id).clone(), m.uid))
@@ -268,6 +307,7 @@ pub fn compute(ops: &[LogOp]) -> MailboxState {
                     },
                 );
             }
+            Some(0) => {} // expunged in the base, listed in its `vanished`
             Some(ms) => vanished.push(Vanished {
                 first: m.uid,
                 last: m.uid,
@@ -356,14 +396,192 @@ impl Causal for &crate::log::codec::Header {
 /// plaintext headers alone, for writers that cannot decrypt the mailbox (LMTP). Equal to
 /// `compute(ops).floors()` for the same ops.
 pub fn next_floors(headers: &[crate::log::codec::Header]) -> (u64, u64) {
+    next_floors_on((1, 1), headers)
+}
+
+/// `next_floors` of `headers` on top of a stable prefix whose floors are `base`.
+pub fn next_floors_on(base: (u64, u64), headers: &[crate::log::codec::Header]) -> (u64, u64) {
     let mut sorted: Vec<&crate::log::codec::Header> = headers.iter().collect();
     sorted.sort_by_key(|h| (h.lamport, h.dot.writer));
-    let modseqs = series::number(&sorted, |h| h.modseq_floor, 1);
+    let modseqs = series::number(&sorted, |h| h.modseq_floor, base.1);
     let adds: Vec<&crate::log::codec::Header> = sorted
         .iter()
         .copied()
         .filter(|h| h.uid_floor.is_some())
         .collect();
-    let uids = series::number(&adds, |h| h.uid_floor.unwrap_or(0), 1);
+    let uids = series::number(&adds, |h| h.uid_floor.unwrap_or(0), base.0);
     (uids.next, modseqs.next)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::log::clock::WriterId;
+
+    /// A random history of `replicas` writers with random merges: adds, flag changes, expunges
+    /// (including an expunge of an already expunged message, as a stale client sends).
+    fn history(seed: u64, replicas: usize, steps: usize) -> Vec<LogOp> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut held: Vec<Vec<LogOp>> = vec![Vec::new(); replicas];
+        let mut all: Vec<LogOp> = Vec::new();
+        let mut next = 0;
+        for _ in 0..steps {
+            let r = rng.random_range(0..replicas);
+            if rng.random_bool(0.3) {
+                let from = rng.random_range(0..replicas);
+                let mine: Vec<Dot> = held[r].iter().map(|o| o.dot).collect();
+                let new: Vec<LogOp> = held[from]
+                    .iter()
+                    .filter(|o| !mine.contains(&o.dot))
+                    .cloned()
+                    .collect();
+                held[r].extend(new);
+                continue;
+            }
+            let state = compute(&held[r]);
+            let mut vv = VersionVector::default();
+            for o in &held[r] {
+                vv.include(o.dot);
+            }
+            let writer = WriterId(r as u64 + 1);
+            let seq = vv.get(writer) + 1;
+            let lamport = held[r].iter().map(|o| o.lamport).max().unwrap_or(0) + 1;
+            let ids: Vec<MessageId> = state.uids.keys().cloned().collect();
+            let op = match rng.random_range(0..10) {
+                0..5 => {
+                    next += 1;
+                    MailOp::Add {
+                        msg: MessageId(format!("m{next}")),
+                        flags: BTreeSet::new(),
+                        uid_floor: state.uid_next,
+                    }
+                }
+                _ if ids.is_empty() => continue,
+                5..8 => MailOp::Flags {
+                    msg: ids[rng.random_range(0..ids.len())].clone(),
+                    action: FlagAction::Add,
+                    flags: BTreeSet::from([format!("f{}", rng.random_range(0..3))]),
+                },
+                _ => MailOp::Expunge {
+                    msg: ids[rng.random_range(0..ids.len())].clone(),
+                },
+            };
+            let op = LogOp {
+                dot: Dot { writer, seq },
+                lamport,
+                deps: vv,
+                modseq_floor: state.highest_modseq + 1,
+                op,
+            };
+            held[r].push(op.clone());
+            all.push(op);
+        }
+        all
+    }
+
+    /// The largest stable prefix inside `cut`: every op outside it had seen all of it.
+    fn stable_within(ops: &[LogOp], mut cut: VersionVector) -> VersionVector {
+        loop {
+            let mut changed = false;
+            let outside: Vec<&LogOp> = ops.iter().filter(|o| !cut.covers(o.dot)).collect();
+            for o in outside {
+                for (w, s) in cut.0.iter_mut() {
+                    let seen = o.deps.get(*w);
+                    if *s > seen {
+                        *s = seen;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return cut;
+            }
+        }
+    }
+
+    #[test]
+    fn a_squashed_stable_prefix_gives_the_same_state() {
+        let mut squashed = 0;
+        for seed in 0..3000u64 {
+            let ops = history(seed, 2 + (seed % 3) as usize, 30);
+            let mut top = VersionVector::default();
+            for o in &ops {
+                top.include(o.dot);
+            }
+            let mut rng = StdRng::seed_from_u64(seed ^ 0xbeef);
+            for _ in 0..3 {
+                let cut = VersionVector(
+                    top.0
+                        .iter()
+                        .map(|(&w, &s)| (w, rng.random_range(s / 2..=s)))
+                        .collect(),
+                );
+                let base_vv = stable_within(&ops, cut);
+                let (inside, outside): (Vec<LogOp>, Vec<LogOp>) =
+                    ops.iter().cloned().partition(|o| base_vv.covers(o.dot));
+                // A non-trivial squash: something on both sides.
+                squashed += usize::from(!inside.is_empty() && !outside.is_empty());
+                let base = compute(&inside);
+                assert_eq!(
+                    compute_on(&base, &outside),
+                    compute(&ops),
+                    "seed {seed}, base {base_vv:?}"
+                );
+                let headers: Vec<_> = outside.iter().map(LogOp::header).collect();
+                assert_eq!(
+                    next_floors_on(base.floors(), &headers),
+                    compute(&ops).floors(),
+                    "seed {seed}"
+                );
+            }
+        }
+        assert!(squashed > 1000, "the test squashed too rarely: {squashed}");
+    }
+
+    #[test]
+    fn a_second_expunge_changes_nothing_on_either_path() {
+        let add = LogOp {
+            dot: Dot {
+                writer: WriterId(1),
+                seq: 1,
+            },
+            lamport: 1,
+            deps: VersionVector::default(),
+            modseq_floor: 1,
+            op: MailOp::Add {
+                msg: MessageId("m".into()),
+                flags: BTreeSet::new(),
+                uid_floor: 1,
+            },
+        };
+        let mut ops = vec![add];
+        for seq in 2..=3 {
+            let mut deps = VersionVector::default();
+            deps.include(Dot {
+                writer: WriterId(1),
+                seq: seq - 1,
+            });
+            ops.push(LogOp {
+                dot: Dot {
+                    writer: WriterId(1),
+                    seq,
+                },
+                lamport: seq,
+                deps,
+                modseq_floor: seq,
+                op: MailOp::Expunge {
+                    msg: MessageId("m".into()),
+                },
+            });
+        }
+        let mut fast = compute(&ops[..1]);
+        assert!(fast.apply_next(&ops[1]));
+        assert!(fast.apply_next(&ops[2]));
+        let full = compute(&ops);
+        assert_eq!(fast, full);
+        assert_eq!(full.vanished[0].modseq, 2);
+    }
 }
