@@ -35,7 +35,20 @@ pub enum MailboxError {
     Locked(&'static str),
     #[error("the writer lease ran out before the op was sent; nothing was written, retry")]
     LeaseLost,
+    #[error(
+        "UIDNEXT {0} is within {reserve} of 2^32: the mailbox takes no new messages until it is renumbered under a new UIDVALIDITY",
+        reserve = UID_RESERVE
+    )]
+    UidSpaceExhausted(u64),
 }
+
+/// UIDs are 32-bit on the wire. New messages are refused once UIDNEXT comes this close to 2^32,
+/// so that even a block of ~1,400 concurrent appends (which uses n(n-1)/2 extra UIDs) stays
+/// below it.
+pub const UID_RESERVE: u64 = 1 << 20;
+
+/// The largest UIDNEXT at which a new message is still accepted.
+pub const UID_LIMIT: u64 = (1 << 32) - UID_RESERVE;
 
 /// The keys a handle holds: always the public recipient; the identity only when the user is
 /// unlocked in this process.
@@ -744,6 +757,10 @@ impl Mailbox {
             self.ensure_lease(&mut inner).await?;
             self.sync_locked(&mut inner).await?;
             let (uid_next, modseq_floor) = inner.floors();
+            let op = build(uid_next);
+            if matches!(op, MailOp::Add { .. }) && uid_next > UID_LIMIT {
+                return Err(MailboxError::UidSpaceExhausted(uid_next));
+            }
             let op = LogOp {
                 dot: Dot {
                     writer: inner.writer,
@@ -752,7 +769,7 @@ impl Mailbox {
                 lamport: inner.lamport + 1,
                 deps: inner.vv.clone(),
                 modseq_floor,
-                op: build(uid_next),
+                op,
             };
             let header = op.header();
             let body =
@@ -773,6 +790,9 @@ impl Mailbox {
         .await;
         let (op, header) = match stored {
             Ok(x) => x,
+            Err(e @ (MailboxError::LeaseLost | MailboxError::UidSpaceExhausted(_))) => {
+                return Err(e); // nothing was sent
+            }
             Err(e) => {
                 // The op may or may not be stored: never reuse its dot for another op. Later
                 // writes go out under a fresh writer id; a stored orphan is read back like any
@@ -1239,5 +1259,33 @@ mod tests {
         }
         let fresh = Mailbox::open(log, keys).await.unwrap();
         assert_eq!(fresh.state().await.unwrap(), a.state().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn no_uid_at_or_above_the_limit_is_ever_announced() {
+        let (_dir, store, _identity, keys) = local_env().await;
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/u32");
+        let a = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        // A writer whose view is just below the limit (as after a history of wide blocks).
+        let (_, uid) = a
+            .write(|_| MailOp::Add {
+                msg: MessageId("near".into()),
+                flags: BTreeSet::new(),
+                uid_floor: UID_LIMIT,
+            })
+            .await
+            .unwrap();
+        assert_eq!(uid, Some(UID_LIMIT));
+        let err = a.write(add("over")).await.unwrap_err();
+        assert!(matches!(err, MailboxError::UidSpaceExhausted(n) if n == UID_LIMIT + 1));
+        assert!(err.to_string().contains("UIDVALIDITY"), "{err}");
+        // Flags and expunges still work; the refused message left nothing behind.
+        a.write(|_| MailOp::Expunge {
+            msg: MessageId("near".into()),
+        })
+        .await
+        .unwrap();
+        let s = a.state().await.unwrap();
+        assert!(s.uids.keys().all(|m| m.0 != "over"));
     }
 }
