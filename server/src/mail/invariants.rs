@@ -3,13 +3,13 @@
 
 use std::collections::BTreeSet;
 
-use super::view::{MailOp, MailboxState, MessageId};
+use super::view::{LogOp, MailOp, MailboxState, MessageId};
 
 /// Checks V1–V5 for `small` ⊆ `big`; `big_ops` are the ops of the bigger view (for V5).
 pub fn check_pair(
     small: &MailboxState,
     big: &MailboxState,
-    big_ops: &[super::view::LogOp],
+    big_ops: &[LogOp],
 ) -> Result<(), String> {
     // V1: a UID that named m names m or nothing; a free UID below UIDNEXT stays free.
     for (uid, m) in &small.messages {
@@ -74,20 +74,36 @@ pub fn check_pair(
             }
         }
     }
-    // V5: every message added and not expunged is there.
+    // V5: every message added and not expunged is there. An add is expunged by an Expunge of
+    // its id, or an ExpungeAll, whose writer had seen it or a concurrent add of the same id
+    // (a duplicate of the same message: writers never add an id live in their view).
     let live: BTreeSet<&MessageId> = big.messages.values().map(|m| &m.id).collect();
-    let expunged: BTreeSet<&MessageId> = big_ops
-        .iter()
-        .filter_map(|o| match &o.op {
-            MailOp::Expunge { msg } => Some(msg),
-            _ => None,
-        })
-        .collect();
+    let add_of = |o: &LogOp| match &o.op {
+        MailOp::Add { msg, .. } => Some(msg.clone()),
+        _ => None,
+    };
     for o in big_ops {
-        if let MailOp::Add { msg, .. } = &o.op
-            && !expunged.contains(msg)
-            && !live.contains(msg)
-        {
+        let Some(msg) = add_of(o) else {
+            continue;
+        };
+        let same: Vec<&LogOp> = big_ops
+            .iter()
+            .filter(|a| {
+                a.dot == o.dot
+                    || (add_of(a).as_ref() == Some(&msg)
+                        && !a.deps.covers(o.dot)
+                        && !o.deps.covers(a.dot))
+            })
+            .collect();
+        let expunged = big_ops.iter().any(|e| {
+            same.iter().any(|a| e.deps.covers(a.dot))
+                && match &e.op {
+                    MailOp::Expunge { msg: m } => *m == msg,
+                    MailOp::ExpungeAll => true,
+                    _ => false,
+                }
+        });
+        if !expunged && !live.contains(&msg) {
             return Err(format!(
                 "V5: {msg:?} was added, never expunged, and is missing"
             ));

@@ -40,6 +40,8 @@ pub enum MailboxError {
         reserve = UID_RESERVE
     )]
     UidSpaceExhausted(u64),
+    #[error("message {id} is already in this mailbox (UID {uid}); a copy needs a new message id")]
+    AlreadyPresent { id: String, uid: u64 },
 }
 
 /// UIDs are 32-bit on the wire. New messages are refused once UIDNEXT comes this close to 2^32,
@@ -758,8 +760,17 @@ impl Mailbox {
             self.sync_locked(&mut inner).await?;
             let (uid_next, modseq_floor) = inner.floors();
             let op = build(uid_next);
-            if matches!(op, MailOp::Add { .. }) && uid_next > UID_LIMIT {
-                return Err(MailboxError::UidSpaceExhausted(uid_next));
+            if let MailOp::Add { msg, .. } = &op {
+                if uid_next > UID_LIMIT {
+                    return Err(MailboxError::UidSpaceExhausted(uid_next));
+                }
+                // The log's rule assumes a writer never adds an id live in its view.
+                if let Some(uid) = inner.state.as_ref().and_then(|s| s.uid_of(msg)) {
+                    return Err(MailboxError::AlreadyPresent {
+                        id: msg.0.clone(),
+                        uid,
+                    });
+                }
             }
             let op = LogOp {
                 dot: Dot {
@@ -790,7 +801,11 @@ impl Mailbox {
         .await;
         let (op, header) = match stored {
             Ok(x) => x,
-            Err(e @ (MailboxError::LeaseLost | MailboxError::UidSpaceExhausted(_))) => {
+            Err(
+                e @ (MailboxError::LeaseLost
+                | MailboxError::UidSpaceExhausted(_)
+                | MailboxError::AlreadyPresent { .. }),
+            ) => {
                 return Err(e); // nothing was sent
             }
             Err(e) => {

@@ -133,6 +133,14 @@ pub struct MailboxInfo {
     pub uid_validity: u32,
 }
 
+/// A mailbox id of the list, live or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedId {
+    pub id: MailboxId,
+    /// As the merged entry says (the same rule as LIST).
+    pub deleted: bool,
+}
+
 struct Loaded {
     /// Live and deleted entries by id, merged, with the token covering every sibling.
     entries: BTreeMap<MailboxId, (Entry, CausalityToken)>,
@@ -269,6 +277,21 @@ impl MailboxList {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Every mailbox id the list has ever held, deleted entries included (their logs and
+    /// messages are still in storage until collected), sorted by id. For the sweep.
+    pub async fn all_ids(&self) -> Result<Vec<ListedId>, ListError> {
+        Ok(self
+            .load()
+            .await?
+            .entries
+            .into_iter()
+            .map(|(id, (e, _))| ListedId {
+                id,
+                deleted: e.deleted,
+            })
+            .collect())
     }
 
     pub async fn find(&self, name: &str) -> Result<Option<MailboxInfo>, ListError> {
@@ -562,6 +585,18 @@ mod tests {
         ));
         a.set_subscribed("Job", false).await.unwrap();
         assert!(!a.find("Job").await.unwrap().unwrap().subscribed);
+
+        // Deleted entries stay listed by id for the sweep.
+        let ids = a.all_ids().await.unwrap();
+        assert_eq!(ids.len(), a.list().await.unwrap().len() + 1);
+        assert!(ids.contains(&ListedId {
+            id: w.id.clone(),
+            deleted: true
+        }));
+        assert!(ids.contains(&ListedId {
+            id: again.id.clone(),
+            deleted: false
+        }));
     }
 
     #[tokio::test]

@@ -27,6 +27,15 @@
 //!
 //! The per-message key is not in the blob: `put` returns it and the caller keeps it sealed in
 //! the summary record (`summary.rs`), encrypted to the user's age recipient.
+//!
+//! # Lifecycle
+//!
+//! `put_message` writes the body, counts it in the user's usage counter (`usage.rs`), then
+//! writes the summary; the caller then adds the message to a mailbox (a log op). Blobs left
+//! without an op and blobs no mailbox refers to any more are removed by the sweep (`sweep.rs`),
+//! which takes the summary as the mark of a counted message: it subtracts a message's size only
+//! when it removes a summary. Each crash window therefore leaves the counter too high by one
+//! message, never too low (a crash never lets a user past a quota).
 
 use std::ops::Range;
 use std::pin::Pin;
@@ -43,9 +52,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 use super::summary::{InternalDate, RecordError, Summary, SummaryRecord};
+use super::usage::{Usage, UsageCounts, UsageError};
 use crate::crypto::{self, CryptoError};
 use crate::storage::blob::rechunk;
 use crate::storage::{BlobStore, ByteStream, StorageError, Store};
+use crate::users::UserId;
 
 /// Version byte of the body blob format described in the module comment.
 pub const BODY_FORMAT_VERSION: u8 = 1;
@@ -119,6 +130,12 @@ pub enum MessageError {
         key: String,
         #[source]
         source: CryptoError,
+    },
+    #[error("cannot count {key} in the usage counter: {source}")]
+    Usage {
+        key: String,
+        #[source]
+        source: UsageError,
     },
 }
 
@@ -233,6 +250,12 @@ impl Layout {
 pub fn body_blob_size(len: u64) -> u64 {
     let chunks = len.div_ceil(BODY_CHUNK).max(1);
     BODY_HEADER_LEN + len + chunks * TAG
+}
+
+/// Plaintext size of the message in a body blob of `blob_size` bytes (no key needed), or `None`
+/// if no writer produces a blob of that size.
+pub fn body_plain_size(blob_size: u64) -> Option<u64> {
+    Layout::of(blob_size).map(|l| l.plain_len)
 }
 
 /// Seals and opens the chunks of one message.
@@ -382,6 +405,8 @@ pub struct MessageStore {
     blobs: Arc<dyn BlobStore>,
     user_id: String,
     parse_limit: u64,
+    /// Counts what `put_message` stores; `None` counts nothing (a bare blob store).
+    usage: Option<Usage>,
 }
 
 impl MessageStore {
@@ -392,11 +417,24 @@ impl MessageStore {
             blobs,
             user_id: user_id.to_string(),
             parse_limit: DEFAULT_PARSE_LIMIT,
+            usage: None,
         })
     }
 
+    /// The user's messages, counted in their usage counter by this process's writer.
     pub fn from_store(store: &Store, user_id: &str) -> Result<MessageStore> {
-        MessageStore::new(store.blobs.clone(), user_id)
+        let usage = Usage::for_process(store.rows.clone(), UserId(user_id.to_string()));
+        Ok(MessageStore::new(store.blobs.clone(), user_id)?.with_usage(usage))
+    }
+
+    /// Counts every message `put_message` stores in `usage` (which must be this user's).
+    pub fn with_usage(mut self, usage: Usage) -> MessageStore {
+        self.usage = Some(usage);
+        self
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.user_id
     }
 
     /// Changes the largest message `put_message` accepts.
@@ -630,7 +668,8 @@ impl MessageStore {
     /// would lift the limit but is not worth writing ourselves.
     ///
     /// The body is written before the summary: a summary always has its body. A crash between
-    /// the two leaves an orphan body blob (no summary refers to it) for a later sweep.
+    /// the two leaves an orphan body blob (no summary refers to it) for a later sweep. The usage
+    /// counter is raised between the two (see the module comment for why there).
     pub async fn put_message(
         &self,
         message_id: &str,
@@ -659,6 +698,15 @@ impl MessageStore {
         let stored = self
             .put(message_id, Box::pin(futures::stream::iter(pieces)))
             .await?;
+        if let Some(usage) = &self.usage {
+            usage
+                .add(UsageCounts::stored(stored.size))
+                .await
+                .map_err(|source| MessageError::Usage {
+                    key: body_key.clone(),
+                    source,
+                })?;
+        }
         let record = SummaryRecord::new(summary, stored.key);
         let plain = record
             .encode()
@@ -699,7 +747,7 @@ impl MessageStore {
 
     /// Removes the summary, then the body (so a crash in between leaves an orphan body, never a
     /// summary without its body). Idempotent. The caller makes sure no mailbox still refers to
-    /// the message.
+    /// the message, and keeps the usage counter (the sweep does both).
     pub async fn delete(&self, message_id: &str) -> Result<()> {
         let summary_key = self.summary_key(message_id)?;
         let body_key = self.body_key(message_id)?;
@@ -1331,6 +1379,67 @@ mod tests {
         );
         assert!(f.raw.head("m/00ab/b17").await.unwrap().is_none());
         assert!(f.raw.head("s/00ab/b17").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn put_message_counts_the_message_before_its_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StorageConfig::Local {
+            path: dir.path().to_path_buf(),
+        })
+        .await
+        .unwrap();
+        let user = crate::users::UserId("00cd".into());
+        let messages = MessageStore::from_store(&store, "00cd").unwrap();
+        let id = age::x25519::Identity::generate();
+        let summary = messages
+            .put_message(
+                "aa",
+                date(),
+                uneven(MAIL.as_bytes().to_vec()),
+                &id.to_public(),
+            )
+            .await
+            .unwrap();
+        let usage = Usage::read(store.rows.as_ref(), &user).await.unwrap();
+        assert_eq!((usage.bytes, usage.messages), (summary.size, 1));
+        // The size is readable from the body blob's size alone.
+        let meta = store.blobs.head("m/00cd/aa").await.unwrap().unwrap();
+        assert_eq!(body_plain_size(meta.size), Some(summary.size));
+        for len in [
+            0,
+            1,
+            BODY_CHUNK - 1,
+            BODY_CHUNK,
+            BODY_CHUNK + 1,
+            5 * BODY_CHUNK,
+        ] {
+            assert_eq!(body_plain_size(body_blob_size(len)), Some(len), "{len}");
+        }
+        assert_eq!(body_plain_size(3), None);
+
+        // Too large: nothing stored, nothing counted.
+        let small = messages.clone().with_parse_limit(10);
+        assert!(
+            small
+                .put_message("ab", date(), uneven(vec![b'x'; 11]), &id.to_public())
+                .await
+                .is_err()
+        );
+        let usage = Usage::read(store.rows.as_ref(), &user).await.unwrap();
+        assert_eq!(usage.messages, 1);
+        // A bare store counts nothing.
+        let bare = MessageStore::new(store.blobs.clone(), "00cd").unwrap();
+        bare.put_message("ac", date(), uneven(b"x".to_vec()), &id.to_public())
+            .await
+            .unwrap();
+        assert_eq!(
+            Usage::read(store.rows.as_ref(), &user)
+                .await
+                .unwrap()
+                .messages,
+            1
+        );
     }
 
     #[tokio::test]

@@ -9,4 +9,6 @@ mod model;
 #[cfg(test)]
 mod sim;
 pub mod summary;
+pub mod sweep;
+pub mod usage;
 pub mod view;

@@ -98,6 +98,15 @@ enum Action {
         replica: usize,
         msg: MessageId,
     },
+    /// DELETE of the mailbox.
+    ExpungeAll {
+        replica: usize,
+    },
+    /// An expunged message moved back (MOVE keeps the id): a new instance.
+    Readd {
+        replica: usize,
+        msg: MessageId,
+    },
     Sync {
         to: usize,
         from: usize,
@@ -118,15 +127,18 @@ struct Summary {
     concurrent_flags: bool,
     /// A flag change concurrent with an expunge of the same message.
     flags_race_expunge: bool,
+    readded: bool,
+    expunge_all_races_add: bool,
 }
 
 fn concurrent(a: &LogOp, b: &LogOp) -> bool {
     !a.deps.covers(b.dot) && !b.deps.covers(a.dot)
 }
 
-fn target(op: &MailOp) -> &MessageId {
+fn target(op: &MailOp) -> Option<&MessageId> {
     match op {
-        MailOp::Add { msg, .. } | MailOp::Flags { msg, .. } | MailOp::Expunge { msg } => msg,
+        MailOp::Add { msg, .. } | MailOp::Flags { msg, .. } | MailOp::Expunge { msg } => Some(msg),
+        MailOp::ExpungeAll => None,
     }
 }
 
@@ -204,6 +216,20 @@ fn summarise(all: &[LogOp]) -> Summary {
     }
     for (i, a) in all.iter().enumerate() {
         for b in &all[i + 1..] {
+            if let (MailOp::Add { msg: x, .. }, MailOp::Add { msg: y, .. }) = (&a.op, &b.op)
+                && x == y
+            {
+                summary.readded = true;
+            }
+            if concurrent(a, b)
+                && matches!(
+                    (&a.op, &b.op),
+                    (MailOp::ExpungeAll, MailOp::Add { .. })
+                        | (MailOp::Add { .. }, MailOp::ExpungeAll)
+                )
+            {
+                summary.expunge_all_races_add = true;
+            }
             if !concurrent(a, b) || target(&a.op) != target(&b.op) {
                 continue;
             }
@@ -305,6 +331,17 @@ impl Model for Mailbox {
                     msg: m.id.clone(),
                 });
             }
+            if !view.messages.is_empty() {
+                actions.push(Action::ExpungeAll { replica });
+            }
+            for id in view.uids.keys() {
+                if view.uid_of(id).is_none() {
+                    actions.push(Action::Readd {
+                        replica,
+                        msg: id.clone(),
+                    });
+                }
+            }
         }
         for to in 0..self.replicas {
             for from in 0..self.replicas {
@@ -339,6 +376,16 @@ impl Model for Mailbox {
             Action::Expunge { replica, msg } => {
                 self.write(&mut state, replica, |_, _| MailOp::Expunge { msg })
             }
+            Action::ExpungeAll { replica } => {
+                self.write(&mut state, replica, |_, _| MailOp::ExpungeAll)
+            }
+            Action::Readd { replica, msg } => {
+                self.write(&mut state, replica, |view, _| MailOp::Add {
+                    msg,
+                    flags: BTreeSet::new(),
+                    uid_floor: view.uid_next,
+                })
+            }
             Action::Sync { to, from } => {
                 for w in 0..self.replicas {
                     state.seen[to][w] = state.seen[to][w].max(last.seen[from][w]);
@@ -366,6 +413,16 @@ impl Model for Mailbox {
                 |m: &Mailbox, s: &State| m.with_summary(&s.ops, |x| x.flags_race_expunge),
             ),
         ];
+        if self.budget >= 3 {
+            properties.push(Property::sometimes(
+                "a message moves away and back",
+                |m: &Mailbox, s: &State| m.with_summary(&s.ops, |x| x.readded),
+            ));
+            properties.push(Property::sometimes(
+                "a mailbox delete races an append",
+                |m: &Mailbox, s: &State| m.with_summary(&s.ops, |x| x.expunge_all_races_add),
+            ));
+        }
         if self.replicas >= 3 && self.budget >= 3 {
             properties.push(Property::sometimes(
                 "three concurrent appends are renumbered",

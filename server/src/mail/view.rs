@@ -41,6 +41,9 @@ pub enum MailOp {
     },
     /// EXPUNGE, or the source side of MOVE.
     Expunge { msg: MessageId },
+    /// DELETE of the mailbox: expunges every message whose add its writer had seen. A message
+    /// added concurrently stays, and is rescued from the deleted mailbox (`mail::rescue`).
+    ExpungeAll,
 }
 
 /// One entry of a mailbox's log.
@@ -133,6 +136,21 @@ impl MailboxState {
             .filter(|u| self.messages.get(u).is_some_and(|m| &m.id == msg))
     }
 
+    fn expunge_uid(&mut self, uid: u64, modseq: u64) {
+        self.messages.remove(&uid);
+        let at = self
+            .vanished
+            .partition_point(|v| (v.first, v.last) < (uid, uid));
+        self.vanished.insert(
+            at,
+            Vanished {
+                first: uid,
+                last: uid,
+                modseq,
+            },
+        );
+    }
+
     /// Folds in an op that follows everything in this state (its writer had seen every op of
     /// it), as a sequential history does: the op is a block of its own, so it keeps its floors
     /// and nothing else moves. O(log n). Returns false, changing nothing, when the op does not
@@ -147,7 +165,9 @@ impl MailboxState {
                 flags,
                 uid_floor,
             } => {
-                if *uid_floor < self.uid_next || self.uids.contains_key(msg) {
+                // An id that is live here is a retried add: leave it to `compute`. One that
+                // was expunged comes back as a new instance (moved away and back).
+                if *uid_floor < self.uid_next || self.uid_of(msg).is_some() {
                     return false;
                 }
                 self.uids.insert(msg.clone(), *uid_floor);
@@ -175,18 +195,13 @@ impl MailboxState {
             }
             MailOp::Expunge { msg } => {
                 if let Some(uid) = self.uid_of(msg) {
-                    self.messages.remove(&uid);
-                    let at = self
-                        .vanished
-                        .partition_point(|v| (v.first, v.last) < (uid, uid));
-                    self.vanished.insert(
-                        at,
-                        Vanished {
-                            first: uid,
-                            last: uid,
-                            modseq: op.modseq_floor,
-                        },
-                    );
+                    self.expunge_uid(uid, op.modseq_floor);
+                }
+            }
+            MailOp::ExpungeAll => {
+                let all: Vec<u64> = self.messages.keys().copied().collect();
+                for uid in all {
+                    self.expunge_uid(uid, op.modseq_floor);
                 }
             }
         }
@@ -226,93 +241,151 @@ pub fn compute_on(base: &MailboxState, ops: &[LogOp]) -> MailboxState {
         .map(|(o, &m)| (o.id(), m))
         .collect();
 
-    struct Live {
+    // A message id is live while one of its adds is not *covered*: no Expunge of the id, or
+    // ExpungeAll, had seen it (an observed-remove set). It shows at the UID of its first add
+    // in the total order. Writers never add an id that is live in their view, so two
+    // uncovered adds of one id are concurrent duplicates of one message (a retried write):
+    // an expunge that had seen the shown one removes them all. An add after that is the
+    // message coming back (moved away and back): a new instance with its own UID.
+    struct AddRec {
+        /// `None`: a live message of the base, which every later op has seen.
+        dot: Option<Dot>,
         uid: u64,
         flags: BTreeSet<String>,
         modseq: u64,
-        expunged: Option<u64>,
+        covered: bool,
     }
-    let mut by_msg: BTreeMap<&MessageId, Live> = BTreeMap::new();
-    // The base's messages, live and expunged (a later add of an id it holds is a retry).
-    for (id, &uid) in &base.uids {
-        let live = base.uid_of(id).and_then(|u| base.messages.get(&u));
+    #[derive(Default)]
+    struct Msg {
+        adds: Vec<AddRec>,
+        /// Index of the add it shows at, while live.
+        shown: Option<usize>,
+    }
+    impl Msg {
+        /// Marks the adds `deps` had seen as covered; returns the UID that stops naming the
+        /// message, if the shown add was one of them.
+        fn cover(&mut self, deps: &VersionVector) -> Option<u64> {
+            for a in &mut self.adds {
+                a.covered |= a.dot.is_none_or(|d| deps.covers(d));
+            }
+            let gone = self.shown.filter(|&i| self.adds[i].covered)?;
+            // The other uncovered adds are concurrent duplicates of the same message: they go
+            // with it (showing one at its own UID would reuse a UID smaller views left free).
+            for a in &mut self.adds {
+                a.covered = true;
+            }
+            self.shown = None;
+            Some(self.adds[gone].uid)
+        }
+    }
+    let add_uid: BTreeMap<OpId, u64> = adds
+        .iter()
+        .zip(&uids.numbers)
+        .map(|(o, &u)| (o.id(), u))
+        .collect();
+    let mut by_msg: BTreeMap<&MessageId, Msg> = BTreeMap::new();
+    for m in base.messages.values() {
         by_msg.insert(
-            id,
-            Live {
-                uid,
-                flags: live.map(|m| m.flags.clone()).unwrap_or_default(),
-                modseq: live.map_or(0, |m| m.modseq),
-                // Already reported in the base's `vanished`.
-                expunged: live.is_none().then_some(0),
+            &m.id,
+            Msg {
+                adds: vec![AddRec {
+                    dot: None,
+                    uid: base.uids.get(&m.id).copied().unwrap_or(0),
+                    flags: m.flags.clone(),
+                    modseq: m.modseq,
+                    covered: false,
+                }],
+                shown: Some(0),
             },
         );
     }
+    let mut vanished = base.vanished.clone();
+    let mut flag_ops: Vec<(&LogOp, u64)> = Vec::new();
     let mut renumbered = base.renumbered;
-    for (o, &uid) in adds.iter().zip(&uids.numbers) {
-        if let MailOp::Add {
-            msg,
-            flags,
-            uid_floor,
-        } = &o.op
-        {
-            renumbered += usize::from(uid != *uid_floor);
-            // A second add of the same id (a retried write) is the same message: keep the first.
-            by_msg.entry(msg).or_insert(Live {
-                uid,
-                flags: flags.clone(),
-                modseq: modseq_of[&o.id()],
-                expunged: None,
-            });
-        }
-    }
     for o in &sorted {
         let ms = modseq_of[&o.id()];
         match &o.op {
-            MailOp::Add { .. } => {}
-            MailOp::Flags { msg, action, flags } => {
-                if let Some(m) = by_msg.get_mut(msg) {
-                    match action {
-                        FlagAction::Add => m.flags.extend(flags.iter().cloned()),
-                        FlagAction::Remove => m.flags.retain(|f| !flags.contains(f)),
-                        FlagAction::Set => m.flags = flags.clone(),
-                    }
-                    m.modseq = m.modseq.max(ms);
+            MailOp::Add {
+                msg,
+                flags,
+                uid_floor,
+            } => {
+                let uid = add_uid[&o.id()];
+                renumbered += usize::from(uid != *uid_floor);
+                let m = by_msg.entry(msg).or_default();
+                m.adds.push(AddRec {
+                    dot: Some(o.dot),
+                    uid,
+                    flags: flags.clone(),
+                    modseq: ms,
+                    covered: false,
+                });
+                if m.shown.is_none() {
+                    m.shown = Some(m.adds.len() - 1);
                 }
             }
+            MailOp::Flags { .. } => flag_ops.push((o, ms)),
             MailOp::Expunge { msg } => {
-                // The first expunge (in the total order) is when the UID vanished; a later one
-                // (a client with a stale view) changes nothing, as in `apply_next`.
-                if let Some(m) = by_msg.get_mut(msg) {
-                    m.expunged.get_or_insert(ms);
+                if let Some(uid) = by_msg.get_mut(msg).and_then(|m| m.cover(&o.deps)) {
+                    vanished.push(Vanished {
+                        first: uid,
+                        last: uid,
+                        modseq: ms,
+                    });
+                }
+            }
+            MailOp::ExpungeAll => {
+                for m in by_msg.values_mut() {
+                    if let Some(uid) = m.cover(&o.deps) {
+                        vanished.push(Vanished {
+                            first: uid,
+                            last: uid,
+                            modseq: ms,
+                        });
+                    }
                 }
             }
         }
     }
 
-    let mut messages = BTreeMap::new();
-    let mut vanished = base.vanished.clone();
-    let uids_by_id: BTreeMap<MessageId, u64> = by_msg
-        .iter()
-        .map(|(id, m)| ((*id).clone(), m.uid))
-        .collect();
-    for (id, m) in by_msg {
-        match m.expunged {
-            None => {
-                messages.insert(
-                    m.uid,
-                    MessageState {
-                        id: id.clone(),
-                        flags: m.flags,
-                        modseq: m.modseq,
-                    },
-                );
+    let mut messages: BTreeMap<u64, MessageState> = BTreeMap::new();
+    let mut uids_by_id: BTreeMap<MessageId, u64> = base.uids.clone();
+    let mut live_of: BTreeMap<&MessageId, u64> = BTreeMap::new();
+    for (id, m) in &by_msg {
+        if let Some(a) = m.shown.map(|i| &m.adds[i]) {
+            messages.insert(
+                a.uid,
+                MessageState {
+                    id: (*id).clone(),
+                    flags: a.flags.clone(),
+                    modseq: a.modseq,
+                },
+            );
+            live_of.insert(id, a.uid);
+        }
+        if let Some(a) = m.shown.map(|i| &m.adds[i]).or(m.adds.last()) {
+            uids_by_id.insert((*id).clone(), a.uid);
+        }
+    }
+    // Flag changes in the total order, on a message whose writer had seen a live add of it.
+    for (o, ms) in flag_ops {
+        let MailOp::Flags { msg, action, flags } = &o.op else {
+            continue;
+        };
+        let Some(uid) = live_of.get(msg) else {
+            continue;
+        };
+        let seen = by_msg[msg]
+            .adds
+            .iter()
+            .any(|a| !a.covered && a.dot.is_none_or(|d| o.deps.covers(d)));
+        if let (true, Some(m)) = (seen, messages.get_mut(uid)) {
+            match action {
+                FlagAction::Add => m.flags.extend(flags.iter().cloned()),
+                FlagAction::Remove => m.flags.retain(|f| !flags.contains(f)),
+                FlagAction::Set => m.flags = flags.clone(),
             }
-            Some(0) => {} // expunged in the base, listed in its `vanished`
-            Some(ms) => vanished.push(Vanished {
-                first: m.uid,
-                last: m.uid,
-                modseq: ms,
-            }),
+            m.modseq = m.modseq.max(ms);
         }
     }
     // Every UID a smaller view may have given to a member of a concurrent block lies in
@@ -583,5 +656,61 @@ mod tests {
         let full = compute(&ops);
         assert_eq!(fast, full);
         assert_eq!(full.vanished[0].modseq, 2);
+    }
+
+    #[test]
+    fn a_message_moved_away_and_back_is_a_new_instance_and_delete_takes_all() {
+        let w = WriterId(1);
+        let mut ops: Vec<LogOp> = Vec::new();
+        let push = |op: MailOp, ops: &mut Vec<LogOp>| {
+            let seq = ops.len() as u64 + 1;
+            let state = compute(ops);
+            let mut deps = VersionVector::default();
+            if seq > 1 {
+                deps.include(Dot {
+                    writer: w,
+                    seq: seq - 1,
+                });
+            }
+            let op = match op {
+                MailOp::Add { msg, flags, .. } => MailOp::Add {
+                    msg,
+                    flags,
+                    uid_floor: state.uid_next,
+                },
+                other => other,
+            };
+            ops.push(LogOp {
+                dot: Dot { writer: w, seq },
+                lamport: seq,
+                deps,
+                modseq_floor: state.highest_modseq + 1,
+                op,
+            });
+        };
+        let m = || MessageId("m".into());
+        let add = |msg: MessageId| MailOp::Add {
+            msg,
+            flags: BTreeSet::new(),
+            uid_floor: 0,
+        };
+        push(add(m()), &mut ops);
+        push(MailOp::Expunge { msg: m() }, &mut ops);
+        push(add(m()), &mut ops);
+        push(add(MessageId("n".into())), &mut ops);
+        let mut fast = compute(&ops[..1]);
+        for o in &ops[1..] {
+            assert!(fast.apply_next(o), "{o:?}");
+        }
+        let full = compute(&ops);
+        assert_eq!(fast, full);
+        assert_eq!(full.uid_of(&m()), Some(2), "back under a new UID");
+        assert_eq!(full.vanished.len(), 1);
+        push(MailOp::ExpungeAll, &mut ops);
+        assert!(fast.apply_next(ops.last().unwrap()));
+        let full = compute(&ops);
+        assert_eq!(fast, full);
+        assert!(full.messages.is_empty());
+        assert_eq!(full.vanished.len(), 3);
     }
 }
