@@ -439,7 +439,9 @@ impl MailboxList {
     }
 
     /// DELETE: marks the entry deleted and returns the id whose log and bodies are to be
-    /// collected. Mailboxes below it stay (RFC 9051 §6.3.4).
+    /// collected. Mailboxes below it stay (RFC 9051 §6.3.4). The caller first writes
+    /// `MailOp::ExpungeAll` to the mailbox's log: what it had seen goes, and a message appended
+    /// concurrently survives and is moved to INBOX by `mail::rescue`.
     pub async fn delete(&self, name: &str) -> Result<MailboxId, ListError> {
         if is_inbox(name) {
             return Err(ListError::Invalid("INBOX cannot be deleted".into()));

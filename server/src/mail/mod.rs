@@ -4,6 +4,7 @@ pub mod invariants;
 pub mod mailbox;
 pub mod mailbox_list;
 pub mod message;
+pub mod rescue;
 #[cfg(test)]
 mod model;
 #[cfg(test)]
