@@ -1,12 +1,19 @@
-//! The `tern` binary. `tern dev` and `tern serve` arrive with the IMAP and LMTP layers; today it
-//! can check that a storage configuration opens.
+//! The `tern` binary: `tern dev` runs a complete single-node server for trying Tern out;
+//! `tern check-storage` checks a storage configuration.
+//! TODO(#4/#5): `tern serve --config tern.yaml` (Garage backend, TLS, LMTP).
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use tern_server::crypto::{Argon2Params, UserSecrets};
+use tern_server::imap::{ImapConfig, ImapServer};
+use tern_server::mail::account::Accounts;
 use tern_server::storage::{StorageConfig, Store};
+use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
 use tracing_subscriber::EnvFilter;
 
 /// Tern: a mail server (IMAP + LMTP) whose state lives in Garage, built to survive a lost region.
@@ -19,6 +26,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run Tern on this machine to try it out: embedded store, IMAP on 127.0.0.1:1143.
+    ///
+    /// Mail and users are kept in the data directory (`./tern-data` by default): the users in
+    /// `users.yaml`, the encrypted mailboxes in `store/`. A restart keeps all mail. When the
+    /// directory has no user yet, a demo user is created (`--user`, `--password`, address
+    /// NAME@DOMAIN) and its credentials are printed. Plaintext logins are allowed (there is no
+    /// TLS in dev mode), so keep the listening address on loopback.
+    Dev(DevArgs),
     /// Open a storage backend and check it answers: credentials, bucket, a row and a blob round trip.
     ///
     /// The file is YAML, either `backend: local` with `path: DIR`, or `backend: garage` with
@@ -29,6 +44,31 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Directory holding the users file and the mail store (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "tern-data")]
+    data: PathBuf,
+    /// Address the IMAP server listens on (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1143")]
+    imap: SocketAddr,
+    /// Login name of the demo user, created if it does not exist yet [default: demo, when the
+    /// directory has no user].
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Password of a user created now (a random one is generated and printed if not given).
+    #[arg(
+        long,
+        value_name = "PASS",
+        env = "TERN_DEV_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// Mail domain of a user created now: its address is NAME@DOMAIN.
+    #[arg(long, value_name = "DOMAIN", default_value = "localhost")]
+    domain: String,
 }
 
 #[tokio::main]
@@ -48,39 +88,157 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::CheckStorage { config } => {
-            let text = tokio::fs::read_to_string(&config)
-                .await
-                .with_context(|| format!("reading {}", config.display()))?;
-            let cfg: StorageConfig = serde_yaml::from_str(&text)
-                .with_context(|| format!("{} is not a valid storage config", config.display()))?;
-            let store = Store::open(&cfg).await.context("opening the store")?;
-            let probe = format!("check-storage/{:016x}", rand::random::<u64>());
-            store
-                .rows
-                .insert_item("tern-check", &probe, None, b"ok".to_vec())
-                .await?;
-            let item = store
-                .rows
-                .read_item("tern-check", &probe)
-                .await?
-                .context("a row just written cannot be read back")?;
-            store
-                .rows
-                .delete_item("tern-check", &probe, &item.token)
-                .await?;
-            store
-                .blobs
-                .put_bytes(&probe, bytes::Bytes::from_static(b"ok"))
-                .await?;
-            let back = store.blobs.get_bytes(&probe).await?;
-            store.blobs.delete(&probe).await?;
-            anyhow::ensure!(
-                back.as_ref() == b"ok",
-                "a blob just written reads back differently"
-            );
-            println!("storage OK: rows and blobs round-trip");
-            Ok(())
+        Command::Dev(args) => dev(args).await,
+        Command::CheckStorage { config } => check_storage(&config).await,
+    }
+}
+
+fn generated_password() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
+        .collect()
+}
+
+/// Creates the user `name` unless it exists; returns the password to print when it was
+/// generated here.
+async fn ensure_user(
+    users: &YamlDirectory,
+    name: &str,
+    password: Option<String>,
+    domain: &str,
+) -> anyhow::Result<()> {
+    if users.user(name).await?.is_some() {
+        println!("tern dev: user {name} exists (log in with the password it was created with)");
+        return Ok(());
+    }
+    let generated = password.is_none();
+    let password = password.unwrap_or_else(generated_password);
+    let pw = password.clone();
+    let (keys, _, _) = tokio::task::spawn_blocking(move || {
+        UserSecrets::create(&pw, Argon2Params::default(), false)
+    })
+    .await
+    .context("creating the user's keys")??;
+    let address = format!("{name}@{domain}").to_lowercase();
+    users
+        .put(
+            User {
+                name: name.to_string(),
+                id: UserId::generate(),
+                addresses: vec![address.clone()],
+                quota_bytes: None,
+                keys,
+            },
+            false,
+        )
+        .await
+        .with_context(|| format!("adding user {name}"))?;
+    println!("tern dev: created user {name} <{address}>");
+    if generated {
+        println!("tern dev: password for {name}: {password}");
+    }
+    Ok(())
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(&args.data)
+        .await
+        .with_context(|| format!("creating {}", args.data.display()))?;
+    let users = YamlDirectory::open(args.data.join("users.yaml"))
+        .await
+        .context("opening the users file")?;
+    let existing = users.list().await?;
+    match (&args.user, existing.is_empty()) {
+        (Some(name), _) => ensure_user(&users, name, args.password, &args.domain).await?,
+        (None, true) => ensure_user(&users, "demo", args.password, &args.domain).await?,
+        (None, false) => {
+            let names: Vec<&str> = existing.iter().map(|u| u.name.as_str()).collect();
+            println!("tern dev: users: {}", names.join(", "));
         }
     }
+    let store = Store::open(&StorageConfig::Local {
+        path: args.data.join("store"),
+    })
+    .await
+    .context("opening the local store")?;
+    let accounts = Accounts::new(store, Arc::new(users));
+    let config = ImapConfig {
+        allow_plaintext: true,
+        ..ImapConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.imap)
+        .await
+        .with_context(|| format!("listening on {}", args.imap))?;
+    let addr = listener.local_addr()?;
+    println!("tern dev: data in {}", display_dir(&args.data));
+    println!("tern dev: IMAP listening on {addr} (plaintext logins allowed: dev mode)");
+    tracing::info!(%addr, "IMAP server started");
+    let server = ImapServer::new(config, accounts);
+    server.serve(listener, shutdown_signal()).await?;
+    println!("tern dev: stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            None
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+fn display_dir(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .display()
+        .to_string()
+}
+
+async fn check_storage(config: &Path) -> anyhow::Result<()> {
+    let text = tokio::fs::read_to_string(config)
+        .await
+        .with_context(|| format!("reading {}", config.display()))?;
+    let cfg: StorageConfig = serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is not a valid storage config", config.display()))?;
+    let store = Store::open(&cfg).await.context("opening the store")?;
+    let probe = format!("check-storage/{:016x}", rand::random::<u64>());
+    store
+        .rows
+        .insert_item("tern-check", &probe, None, b"ok".to_vec())
+        .await?;
+    let item = store
+        .rows
+        .read_item("tern-check", &probe)
+        .await?
+        .context("a row just written cannot be read back")?;
+    store
+        .rows
+        .delete_item("tern-check", &probe, &item.token)
+        .await?;
+    store
+        .blobs
+        .put_bytes(&probe, bytes::Bytes::from_static(b"ok"))
+        .await?;
+    let back = store.blobs.get_bytes(&probe).await?;
+    store.blobs.delete(&probe).await?;
+    anyhow::ensure!(
+        back.as_ref() == b"ok",
+        "a blob just written reads back differently"
+    );
+    println!("storage OK: rows and blobs round-trip");
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The mail model: what a mailbox looks like to a client, computed from its causal log.
 
+pub mod account;
 pub mod invariants;
 pub mod mailbox;
 pub mod mailbox_list;

@@ -1,0 +1,84 @@
+//! The IMAP server (RFC 9051 / RFC 3501) over the mail model.
+//!
+//! Two layers, so that the protocol can be tested without sockets:
+//! - a sans-I/O core: [`input::Input`] turns bytes into commands (imap-codec's fragmentizer for
+//!   lines and literals, its command decoder for the rest, our limits on top) and
+//!   [`session::Session`] turns commands into responses (imap-codec's encoder) written to an
+//!   [`output::Out`];
+//! - [`server`]: the tokio listener and connection task that moves bytes between a socket and
+//!   that core, with timeouts and keepalives.
+//!
+//! One file per concept: `capability` (what is advertised), `sequence` (sequence sets as
+//! ranges), `selected` (the selected mailbox: sequence numbers and pending untagged updates),
+//! `mailboxes` (LIST, CREATE, STATUS, ...), `fetch`, `structure` (ENVELOPE, BODYSTRUCTURE),
+//! `search`, `store`, `append`, `copy` (COPY and MOVE), `expunge`, `flags`, `auth`.
+//! `docs/imap.md` lists what is implemented and what is not.
+
+mod append;
+mod auth;
+pub mod capability;
+mod copy;
+mod expunge;
+mod fetch;
+mod flags;
+pub mod input;
+mod mailboxes;
+pub mod output;
+mod search;
+mod selected;
+pub mod sequence;
+pub mod server;
+pub mod session;
+mod store;
+mod structure;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+pub use server::ImapServer;
+pub use session::{Context, Session};
+
+/// Limits and switches of the IMAP service.
+#[derive(Debug, Clone)]
+pub struct ImapConfig {
+    /// Accept LOGIN and AUTHENTICATE PLAIN without TLS (dev mode; TLS arrives later, until then
+    /// a server without this switch refuses every login and says LOGINDISABLED).
+    pub allow_plaintext: bool,
+    /// Longest command line (without its literals).
+    pub max_line: usize,
+    /// Largest literal, and so the largest message APPEND takes (advertised as APPENDLIMIT).
+    pub max_literal: u32,
+    /// Time allowed to log in after connecting.
+    pub login_timeout: Duration,
+    /// Time allowed to finish sending a command once it has started.
+    pub command_timeout: Duration,
+    /// An authenticated connection that sends nothing for this long is closed (RFC 9051
+    /// requires at least 30 minutes); IDLE counts as activity only until this elapses too.
+    pub idle_timeout: Duration,
+    /// Interval of the `* OK` keepalives sent during IDLE.
+    pub keepalive: Duration,
+    /// How long a failed login waits before it is answered.
+    pub auth_failure_delay: Duration,
+    /// Output is flushed to the socket when this many bytes are buffered.
+    pub flush_threshold: usize,
+    /// Time allowed for the client to take a chunk of output.
+    pub write_timeout: Duration,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        ImapConfig {
+            allow_plaintext: false,
+            max_line: 64 * 1024,
+            max_literal: crate::mail::message::DEFAULT_PARSE_LIMIT as u32,
+            login_timeout: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(31 * 60),
+            keepalive: Duration::from_secs(120),
+            auth_failure_delay: Duration::from_secs(2),
+            flush_threshold: 64 * 1024,
+            write_timeout: Duration::from_secs(120),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! IMAP end to end with a real client library: Python's `imaplib` (tests/python/imap_client.py)
+//! against the real `tern dev` binary (restart included) and against the IMAP server run
+//! in-process on the local store.
+//!
+//! Needs `python3`; without it the tests say so loudly and pass (the raw-protocol conversation
+//! tests in `server/src/imap/tests.rs` still cover every command).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_server::crypto::{Argon2Params, UserSecrets};
+use tern_server::imap::{ImapConfig, ImapServer};
+use tern_server::mail::account::Accounts;
+use tern_server::storage::{StorageConfig, Store};
+use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
+
+fn say(message: &str) {
+    // Straight to the stderr handle: libtest does not capture it, so CI logs show it.
+    let _ = writeln!(std::io::stderr().lock(), "[imap_dev] {message}");
+}
+
+fn have_python() -> bool {
+    let found = Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        say("SKIPPED: python3 not found; install python3 to run the imaplib end-to-end tests");
+    }
+    found
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/imap_client.py")
+}
+
+/// Runs one scenario of the Python client and fails the test with its output if it fails.
+async fn scenario(port: u16, user: &str, password: &str, name: &str, extra: &[&str]) {
+    let out = tokio::process::Command::new("python3")
+        .arg(script())
+        .args([
+            "--port",
+            &port.to_string(),
+            "--user",
+            user,
+            "--password",
+            password,
+        ])
+        .args(extra)
+        .arg(name)
+        .output()
+        .await
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scenario {name} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    say(stdout.trim());
+}
+
+/// The `tern` binary of this build profile, built if needed (the test binary lives in
+/// `target/<profile>/deps/`, the `tern` binary in `target/<profile>/`).
+fn tern_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps layout")
+        .to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(other) => other.to_string(),
+        None => panic!("cannot tell the build profile from {}", exe.display()),
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let started = Instant::now();
+    // `--workspace --bins --tests` resolves features as `cargo test --workspace` does, so under
+    // `tests/run` this reuses every artifact of the test build and only links `tern`.
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--workspace",
+            "--bins",
+            "--tests",
+            "--profile",
+            &profile,
+        ])
+        .current_dir(&workspace)
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "building the tern binary failed");
+    say(&format!(
+        "tern binary ({profile} profile) ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    profile_dir.join("tern")
+}
+
+/// A running `tern dev`.
+struct Dev {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Dev {
+    fn start(bin: &Path, data: &Path, log: &Path) -> Dev {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut child = Command::new(bin)
+            .args([
+                "dev",
+                "--imap",
+                "127.0.0.1:0",
+                "--user",
+                "alice",
+                "--password",
+                "pw",
+            ])
+            .arg("--data")
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting tern dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    say(&line);
+                    if let Some(rest) = line.split("IMAP listening on 127.0.0.1:").nth(1) {
+                        let digits: String =
+                            rest.chars().take_while(char::is_ascii_digit).collect();
+                        break digits.parse::<u16>().expect("port");
+                    }
+                }
+                _ => panic!(
+                    "tern dev exited before listening; log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ),
+            }
+        };
+        // Keep reading stdout so that the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Dev {
+            child,
+            port,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, as a service manager would, then wait for the exit.
+    fn stop(mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "tern dev exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tern dev did not stop on SIGTERM; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaplib_against_the_tern_dev_binary_and_a_restart() {
+    if !have_python() {
+        return;
+    }
+    let bin = tokio::task::spawn_blocking(tern_binary).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tern-data");
+    let log = dir.path().join("tern.log");
+
+    let dev = Dev::start(&bin, &data, &log);
+    say(&format!(
+        "tern dev (pid {}) on port {}",
+        dev.child.id(),
+        dev.port
+    ));
+    scenario(dev.port, "alice", "pw", "basic", &[]).await;
+    scenario(dev.port, "alice", "pw", "idle", &[]).await;
+    scenario(dev.port, "alice", "pw", "two-sessions", &[]).await;
+    let wrong = tokio::process::Command::new("python3")
+        .arg(script())
+        .args([
+            "--port",
+            &dev.port.to_string(),
+            "--user",
+            "alice",
+            "--password",
+            "nope",
+            "kept",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!wrong.status.success(), "a wrong password must be refused");
+    dev.stop();
+
+    // Same data directory, new process: everything is still there.
+    let dev = Dev::start(&bin, &data, &log);
+    scenario(dev.port, "alice", "pw", "kept", &["--expect", "50"]).await;
+    dev.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaplib_against_the_in_process_server_on_the_local_store() {
+    if !have_python() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StorageConfig::Local {
+        path: dir.path().join("store"),
+    })
+    .await
+    .unwrap();
+    let users = YamlDirectory::open(dir.path().join("users.yaml"))
+        .await
+        .unwrap();
+    let cheap = Argon2Params {
+        memory_kib: 256,
+        iterations: 1,
+        parallelism: 1,
+    };
+    let (keys, _, _) = UserSecrets::create("pw", cheap, false).unwrap();
+    users
+        .put(
+            User {
+                name: "bob".into(),
+                id: UserId::generate(),
+                addresses: vec!["bob@localhost".into()],
+                quota_bytes: None,
+                keys,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let accounts = Accounts::new(store, Arc::new(users));
+    let server = ImapServer::new(
+        ImapConfig {
+            allow_plaintext: true,
+            ..ImapConfig::default()
+        },
+        accounts.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        server
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    scenario(port, "bob", "pw", "basic", &[]).await;
+    scenario(port, "bob", "pw", "two-sessions", &[]).await;
+    scenario(port, "bob", "pw", "idle", &[]).await;
+    // Every session has logged out: the account and its mailbox handles are gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while accounts.live_accounts() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the account outlived its sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
+}
