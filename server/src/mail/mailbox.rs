@@ -145,6 +145,8 @@ struct Inner {
     base: Option<Base>,
     /// Everything some checkpoint read or written here holds.
     checkpointed: VersionVector,
+    /// The op rows this handle has deleted (behind its own checkpoints).
+    collected: VersionVector,
     last_checkpoint: Instant,
     /// Body keys of the writers seen so far (opened with the identity).
     writer_keys: HashMap<WriterId, WriterKey>,
@@ -158,6 +160,8 @@ struct Inner {
     vv: VersionVector,
     /// Headers and ops after the base.
     headers: Vec<Header>,
+    /// (UIDNEXT, HIGHESTMODSEQ + 1) from the headers, while known without a recount.
+    header_floors: Option<(u64, u64)>,
     ops: Vec<LogOp>,
     state: Option<MailboxState>,
 }
@@ -176,14 +180,40 @@ impl Inner {
             .unwrap_or_default()
     }
 
-    fn floors(&self) -> (u64, u64) {
-        match &self.state {
-            Some(s) => s.floors(),
-            None => view::next_floors_on(
-                self.base.as_ref().map_or((1, 1), |b| b.head.floors),
-                &self.headers,
-            ),
+    fn floors(&mut self) -> (u64, u64) {
+        if let Some(s) = &self.state {
+            return s.floors();
         }
+        if let Some(f) = self.header_floors {
+            return f;
+        }
+        let f = view::next_floors_on(
+            self.base.as_ref().map_or((1, 1), |b| b.head.floors),
+            &self.headers,
+        );
+        self.header_floors = Some(f);
+        f
+    }
+
+    /// Records one header (after the base) and keeps the keyless floors up to date: a header
+    /// whose writer had seen everything before it is a block of its own and moves the floors
+    /// to just past its own, as `MailboxState::apply_next` does; anything else means a full
+    /// recount at the next `floors`.
+    fn push_header(&mut self, header: Header, seen_before: &VersionVector) {
+        self.header_floors = match self.header_floors {
+            Some((uid_next, modseq_next))
+                if header.deps == *seen_before
+                    && header.modseq_floor >= modseq_next
+                    && header.uid_floor.is_none_or(|u| u >= uid_next) =>
+            {
+                Some((
+                    header.uid_floor.map_or(uid_next, |u| u + 1),
+                    header.modseq_floor + 1,
+                ))
+            }
+            _ => None,
+        };
+        self.headers.push(header);
     }
 
     /// A fresh writer id after a failed or abandoned one: never reuse a dot that may be stored.
@@ -250,6 +280,7 @@ impl Mailbox {
                 seen: HashSet::new(),
                 base: None,
                 checkpointed: VersionVector::default(),
+                collected: VersionVector::default(),
                 last_checkpoint: Instant::now(),
                 writer_keys: HashMap::new(),
                 writer: fresh_writer(),
@@ -260,6 +291,7 @@ impl Mailbox {
                 lamport: 0,
                 vv: VersionVector::default(),
                 headers: Vec::new(),
+                header_floors: None,
                 ops: Vec::new(),
                 state: None,
             }),
@@ -288,6 +320,7 @@ impl Mailbox {
                 }
             }
         }
+        let mut pending = Vec::with_capacity(raw.len());
         for op in raw {
             let body = match &self.keys.identity {
                 Some(_) => {
@@ -299,8 +332,9 @@ impl Mailbox {
                 }
                 None => None,
             };
-            fresh |= self.absorb(inner, &op.key, op.header, body.as_deref())?;
+            pending.push((op.key, op.header, body));
         }
+        fresh |= self.absorb_ready(inner, &mut pending)?;
         let mut rebased = false;
         // A checkpoint listed here may be deleted by a collector before we load it, once a
         // newer one holds everything it held: list again.
@@ -325,6 +359,15 @@ impl Mailbox {
                 }
             }
             break;
+        }
+        // A checkpoint may have brought the causal past of ops held back above.
+        fresh |= self.absorb_ready(inner, &mut pending)?;
+        if !pending.is_empty() {
+            tracing::debug!(
+                partition = self.log.partition(),
+                held = pending.len(),
+                "ops held back until their causal past is readable"
+            );
         }
         if fresh && self.keys.identity.is_some() {
             let advanced = match rebased {
@@ -364,6 +407,39 @@ impl Mailbox {
         state
     }
 
+    /// Folds in the ops whose causal past is held (the writer's previous op and everything the
+    /// op had seen), in rounds until none is ready; the rest stay in `pending`. A quorum read
+    /// can return an op before one it depends on has reached the nodes that answered: folding
+    /// it in then would show a view that is not causally closed (a later view could fill a UID
+    /// below UIDNEXT, V1) and would name a gap in the next op's deps. Not folded in, an op is
+    /// outside the version vector and is read again at the next sync.
+    fn absorb_ready(
+        &self,
+        inner: &mut Inner,
+        pending: &mut Vec<(String, Header, Option<Vec<u8>>)>,
+    ) -> Result<bool, MailboxError> {
+        let mut fresh = false;
+        loop {
+            let mut progress = false;
+            let mut rest = Vec::with_capacity(pending.len());
+            for (key, header, body) in pending.drain(..) {
+                let held = inner.base_covers(header.dot) || inner.seen.contains(&header.dot);
+                let ready = inner.vv.get(header.dot.writer) + 1 >= header.dot.seq
+                    && header.deps.le(&inner.vv);
+                if held || ready {
+                    fresh |= self.absorb(inner, &key, header, body.as_deref())?;
+                    progress = true;
+                } else {
+                    rest.push((key, header, body));
+                }
+            }
+            *pending = rest;
+            if !progress || pending.is_empty() {
+                return Ok(fresh);
+            }
+        }
+    }
+
     /// Folds one op in (once); `body` is its decrypted body when this handle has the key.
     fn absorb(
         &self,
@@ -375,6 +451,7 @@ impl Mailbox {
         if inner.base_covers(header.dot) || !inner.seen.insert(header.dot) {
             return Ok(false);
         }
+        let before = inner.vv.clone();
         inner.lamport = inner.lamport.max(header.lamport);
         inner.vv.include(header.dot);
         if let Some(body) = body {
@@ -383,7 +460,7 @@ impl Mailbox {
                 .ok_or_else(|| corrupt(key, "body disagrees with its header"))?;
             inner.ops.push(full);
         }
-        inner.headers.push(header);
+        inner.push_header(header, &before);
         Ok(true)
     }
 
@@ -436,6 +513,7 @@ impl Mailbox {
                 inner.seen.retain(|d| !covers.covers(*d));
                 inner.ops.retain(|o| !covers.covers(o.dot));
                 inner.headers.retain(|h| !covers.covers(h.dot));
+                inner.header_floors = None;
                 inner.base = Some(Base {
                     head: head_base,
                     state: payload.as_ref().and_then(|p| p.base.clone()),
@@ -524,6 +602,7 @@ impl Mailbox {
             inner.seen.retain(|d| !covers.covers(*d));
             inner.ops.retain(|o| !covers.covers(o.dot));
             inner.headers.retain(|h| !covers.covers(h.dot));
+            inner.header_floors = None;
             inner.base = Some(b);
         }
         inner.checkpointed.merge(&r.covers);
@@ -645,7 +724,8 @@ impl Mailbox {
             0
         };
         let cp = self.write_checkpoint(&mut inner, squash).await?;
-        report.rows_collected = self.log.collect(&cp.covers).await?;
+        report.rows_collected = self.log.collect_since(&inner.collected, &cp.covers).await?;
+        inner.collected.merge(&cp.covers);
         for old in old_checkpoints
             .iter()
             .filter(|o| o.blob != cp.blob && o.covers.le(&cp.covers))
@@ -820,7 +900,7 @@ impl Mailbox {
         inner.lamport += 1;
         inner.vv.include(op.dot);
         inner.seen.insert(op.dot);
-        inner.headers.push(header);
+        inner.push_header(header, &op.deps);
         let uid = match &op.op {
             MailOp::Add { uid_floor, .. } => Some(*uid_floor),
             _ => None,
@@ -1302,5 +1382,61 @@ mod tests {
         .unwrap();
         let s = a.state().await.unwrap();
         assert!(s.uids.keys().all(|m| m.0 != "over"));
+    }
+
+    #[tokio::test]
+    async fn an_op_is_held_back_until_its_causal_past_is_readable() {
+        let (_dir, store, identity, keys) = local_env().await;
+        let log = LogStore::new(store.rows.clone(), store.blobs.clone(), "log/held");
+        let reader = Mailbox::open(log.clone(), keys.clone()).await.unwrap();
+        let w = WriterId(5);
+        let wk = WriterKey::generate();
+        log.register(w, wk.seal(&identity.to_public()).unwrap())
+            .await
+            .unwrap();
+        let first = LogOp {
+            dot: Dot { writer: w, seq: 1 },
+            lamport: 1,
+            deps: VersionVector::default(),
+            modseq_floor: 1,
+            op: add("m1")(1),
+        };
+        let mut deps = VersionVector::default();
+        deps.include(first.dot);
+        let second = LogOp {
+            dot: Dot { writer: w, seq: 2 },
+            lamport: 2,
+            deps,
+            modseq_floor: 2,
+            op: add("m2")(2),
+        };
+        let put = |op: LogOp| {
+            let log = log.clone();
+            let wk = wk.clone();
+            async move {
+                let body = postcard::to_allocvec(&op.op).unwrap();
+                let key = crate::log::store::op_key(op.dot);
+                log.append(
+                    op.dot,
+                    codec::encode(&key, &op.header(), &body, &wk).unwrap(),
+                )
+                .await
+                .unwrap();
+            }
+        };
+        // The second op is readable before the first (it reached the nodes that answered).
+        put(second).await;
+        reader.sync().await.unwrap();
+        let s = reader.state().await.unwrap();
+        assert!(
+            s.messages.is_empty(),
+            "m2 without m1 is not a closed view: {s:?}"
+        );
+        assert_eq!(reader.floors().await, (1, 1));
+        put(first).await;
+        reader.sync().await.unwrap();
+        let s = reader.state().await.unwrap();
+        assert_eq!(s.uid_of(&MessageId("m1".into())), Some(1));
+        assert_eq!(s.uid_of(&MessageId("m2".into())), Some(2));
     }
 }
