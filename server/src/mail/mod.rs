@@ -5,9 +5,9 @@ pub mod invariants;
 pub mod mailbox;
 pub mod mailbox_list;
 pub mod message;
-pub mod rescue;
 #[cfg(test)]
 mod model;
+pub mod rescue;
 #[cfg(test)]
 mod sim;
 pub mod summary;
