@@ -1,9 +1,10 @@
-//! A log in the row store: one partition per log. Rows:
+//! A log in the row store: two partitions per log. In `<partition>`, only ops:
+//! - `o/<writer>/<seq>`: the op `(writer, seq)`, in the format of `codec`.
+//!
+//! In `<partition>/meta`:
 //! - `w/<writer>`: the writers that ever wrote here (written before their first op), so a reader
 //!   can ask each writer for what it has not seen yet; the value is the writer's body key sealed
 //!   to the user (`codec::WriterKey`);
-//! - `o/<writer>/<seq>`: the op `(writer, seq)`, in the format of `codec`.
-//!
 //! - `c/<writer>/<seq>`: a checkpoint: the version vector it covers (plaintext) and the key of
 //!   the blob `ck/<partition>/<writer>/<seq>` holding the encrypted op set;
 //! - `l/<writer>`: the writer's lease: `Live { seen }` (renewed while it writes, naming what it
@@ -38,7 +39,12 @@ pub struct RawOp {
 pub struct LogStore {
     rows: Arc<dyn RowStore>,
     blobs: Arc<dyn BlobStore>,
+    /// Op rows only.
     partition: String,
+    /// `<partition>/meta`: writers, leases and checkpoint refs. Kept apart from the ops so that
+    /// listing them never walks over the tombstones of collected op rows (Garage's range reads
+    /// skip tombstones one by one until its table GC drops them, a day later).
+    meta: String,
 }
 
 /// A checkpoint as listed: what it covers and where its body is.
@@ -165,10 +171,12 @@ impl LogStore {
         blobs: Arc<dyn BlobStore>,
         partition: impl Into<String>,
     ) -> LogStore {
+        let partition = partition.into();
         LogStore {
             rows,
             blobs,
-            partition: partition.into(),
+            meta: format!("{partition}/meta"),
+            partition,
         }
     }
 
@@ -190,7 +198,7 @@ impl LogStore {
         };
         let value = postcard::to_allocvec(&r).map_err(|e| LogError::Encode(e.to_string()))?;
         self.rows
-            .insert_item(&self.partition, &format!("c/{suffix}"), None, value)
+            .insert_item(&self.meta, &format!("c/{suffix}"), None, value)
             .await?;
         Ok(r)
     }
@@ -199,7 +207,7 @@ impl LogStore {
     pub async fn checkpoints(&self) -> Result<Vec<CheckpointRef>, LogError> {
         let mut out = Vec::new();
         let mut search = ReadRange {
-            partition_key: self.partition.clone(),
+            partition_key: self.meta.clone(),
             range: KeyRange {
                 prefix: Some("c/".into()),
                 ..Default::default()
@@ -279,7 +287,7 @@ impl LogStore {
 
     fn single(&self, key: String) -> DeleteRange {
         DeleteRange {
-            partition_key: self.partition.clone(),
+            partition_key: self.meta.clone(),
             prefix: None,
             start: Some(key),
             end: None,
@@ -315,22 +323,13 @@ impl LogStore {
         token: Option<&CausalityToken>,
     ) -> Result<(), LogError> {
         self.rows
-            .insert_item(
-                &self.partition,
-                &lease_key(writer),
-                token,
-                encode_lease(lease)?,
-            )
+            .insert_item(&self.meta, &lease_key(writer), token, encode_lease(lease)?)
             .await?;
         Ok(())
     }
 
     pub async fn read_lease(&self, writer: WriterId) -> Result<Option<LeaseRow>, LogError> {
-        match self
-            .rows
-            .read_item(&self.partition, &lease_key(writer))
-            .await?
-        {
+        match self.rows.read_item(&self.meta, &lease_key(writer)).await? {
             Some(item) => lease_row(&item),
             None => Ok(None),
         }
@@ -344,7 +343,7 @@ impl LogStore {
             let page = self
                 .rows
                 .read_range(ReadRange {
-                    partition_key: self.partition.clone(),
+                    partition_key: self.meta.clone(),
                     range: KeyRange {
                         prefix: Some("l/".into()),
                         start: start.clone(),
@@ -379,7 +378,7 @@ impl LogStore {
     /// ops and can open them.
     pub async fn register(&self, writer: WriterId, sealed_key: Vec<u8>) -> Result<(), LogError> {
         self.rows
-            .insert_item(&self.partition, &writer_key(writer), None, sealed_key)
+            .insert_item(&self.meta, &writer_key(writer), None, sealed_key)
             .await?;
         Ok(())
     }
@@ -451,7 +450,7 @@ impl LogStore {
             let page = self
                 .rows
                 .read_range(ReadRange {
-                    partition_key: self.partition.clone(),
+                    partition_key: self.meta.clone(),
                     range: KeyRange {
                         prefix: Some("w/".into()),
                         start: start.clone(),
