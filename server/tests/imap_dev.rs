@@ -2,8 +2,7 @@
 //! against the real `tern dev` binary (restart included) and against the IMAP server run
 //! in-process on the local store.
 //!
-//! Needs `python3`; without it the tests say so loudly and pass (the raw-protocol conversation
-//! tests in `server/src/imap/tests.rs` still cover every command).
+//! Needs `python3` (`tests/run` installs it); without it the tests fail and say why.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -22,19 +21,19 @@ fn say(message: &str) {
     let _ = writeln!(std::io::stderr().lock(), "[imap_dev] {message}");
 }
 
-fn have_python() -> bool {
+fn require_python() {
     let found = Command::new("python3")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found {
-        say("SKIPPED: python3 not found; install python3 to run the imaplib end-to-end tests");
-    }
-    found
+    assert!(
+        found,
+        "python3 not found: install it (tests/run does) to run the imaplib end-to-end tests"
+    );
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/imap_client.py")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/imap_client.py")
 }
 
 /// Runs one scenario of the Python client and fails the test with its output if it fails.
@@ -64,42 +63,9 @@ async fn scenario(port: u16, user: &str, password: &str, name: &str, extra: &[&s
     say(stdout.trim());
 }
 
-/// The `tern` binary of this build profile, built if needed (the test binary lives in
-/// `target/<profile>/deps/`, the `tern` binary in `target/<profile>/`).
+/// The `tern` binary cargo built for this test run (same profile and features).
 fn tern_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps layout")
-        .to_path_buf();
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_string(),
-        Some(other) => other.to_string(),
-        None => panic!("cannot tell the build profile from {}", exe.display()),
-    };
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let started = Instant::now();
-    // `--workspace --bins --tests` resolves features as `cargo test --workspace` does, so under
-    // `tests/run` this reuses every artifact of the test build and only links `tern`.
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--workspace",
-            "--bins",
-            "--tests",
-            "--profile",
-            &profile,
-        ])
-        .current_dir(&workspace)
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "building the tern binary failed");
-    say(&format!(
-        "tern binary ({profile} profile) ready in {:.1} s",
-        started.elapsed().as_secs_f64()
-    ));
-    profile_dir.join("tern")
+    PathBuf::from(env!("CARGO_BIN_EXE_tern"))
 }
 
 /// A running `tern dev`.
@@ -191,9 +157,7 @@ impl Drop for Dev {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imaplib_against_the_tern_dev_binary_and_a_restart() {
-    if !have_python() {
-        return;
-    }
+    require_python();
     let bin = tokio::task::spawn_blocking(tern_binary).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("tern-data");
@@ -233,9 +197,7 @@ async fn imaplib_against_the_tern_dev_binary_and_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imaplib_against_the_in_process_server_on_the_local_store() {
-    if !have_python() {
-        return;
-    }
+    require_python();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StorageConfig::Local {
         path: dir.path().join("store"),
