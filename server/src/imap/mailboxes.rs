@@ -130,7 +130,13 @@ impl Session {
         changes.borrow_and_update();
         handle.sync().await?;
         let state = handle.state().await?;
-        let selected = Selected::new(info, handle, read_only, state, changes);
+        let selected = Selected::new(
+            info,
+            handle,
+            read_only,
+            std::sync::Arc::unwrap_or_clone(state),
+            changes,
+        );
         let state = selected.known();
 
         out.data(Data::Flags(flags::mailbox_flags(selected.keywords())));

@@ -266,7 +266,11 @@ impl Session {
         }
         selected.mark_seen();
         let state = selected.mailbox.state().await?;
-        selected.update(state, Report { expunge, condstore }, out);
+        selected.update(
+            Arc::unwrap_or_clone(state),
+            Report { expunge, condstore },
+            out,
+        );
         Ok(())
     }
 

@@ -163,7 +163,8 @@ struct Inner {
     /// (UIDNEXT, HIGHESTMODSEQ + 1) from the headers, while known without a recount.
     header_floors: Option<(u64, u64)>,
     ops: Vec<LogOp>,
-    state: Option<MailboxState>,
+    /// Shared with the sessions that read it: a change copies it only while one holds it.
+    state: Option<Arc<MailboxState>>,
 }
 
 impl Inner {
@@ -375,7 +376,9 @@ impl Mailbox {
                 true => None,
             };
             inner.state =
-                Some(advanced.unwrap_or_else(|| view::compute_on(&inner.base_state(), &inner.ops)));
+                Some(advanced.unwrap_or_else(|| {
+                    Arc::new(view::compute_on(&inner.base_state(), &inner.ops))
+                }));
         }
         if fresh {
             self.changes.send_modify(|v| *v += 1);
@@ -387,18 +390,18 @@ impl Mailbox {
     /// before it (the sequential case, O(log n) per op); `None` when a full recomputation is
     /// needed.
     fn advance(
-        state: Option<MailboxState>,
+        state: Option<Arc<MailboxState>>,
         mut seen: VersionVector,
         ops: &[LogOp],
         from: usize,
-    ) -> Option<MailboxState> {
+    ) -> Option<Arc<MailboxState>> {
         let mut new: Vec<&LogOp> = ops[from..].iter().collect();
         new.sort_by_key(|o| o.id());
         let mut state = state;
         for op in new {
             state = state.filter(|_| op.deps == seen);
             if let Some(s) = state.as_mut()
-                && !s.apply_next(op)
+                && !Arc::make_mut(s).apply_next(op)
             {
                 state = None;
             }
@@ -812,8 +815,8 @@ impl Mailbox {
         }))
     }
 
-    /// The current state (needs the identity).
-    pub async fn state(&self) -> Result<MailboxState, MailboxError> {
+    /// The current state (needs the identity); cheap: a shared snapshot.
+    pub async fn state(&self) -> Result<Arc<MailboxState>, MailboxError> {
         let inner = self.inner.lock().await;
         inner
             .state
@@ -912,7 +915,9 @@ impl Mailbox {
             let from = inner.ops.len() - 1;
             let state = Self::advance(inner.state.take(), vv_before, &inner.ops, from);
             inner.state =
-                Some(state.unwrap_or_else(|| view::compute_on(&inner.base_state(), &inner.ops)));
+                Some(state.unwrap_or_else(|| {
+                    Arc::new(view::compute_on(&inner.base_state(), &inner.ops))
+                }));
         }
         self.changes.send_modify(|v| *v += 1);
         Ok((dot, uid))
