@@ -206,26 +206,31 @@ impl LogStore {
     /// Every checkpoint of this log.
     pub async fn checkpoints(&self) -> Result<Vec<CheckpointRef>, LogError> {
         let mut out = Vec::new();
+        for item in self.list_meta("c/").await? {
+            for raw in item.live_values() {
+                out.push(postcard::from_bytes(raw).map_err(|e| LogError::Corrupt {
+                    key: item.sort_key.clone(),
+                    detail: e.to_string(),
+                })?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every row of the meta partition under `prefix`, all pages.
+    async fn list_meta(&self, prefix: &str) -> Result<Vec<Item>, LogError> {
+        let mut out = Vec::new();
         let mut search = ReadRange {
             partition_key: self.meta.clone(),
             range: KeyRange {
-                prefix: Some("c/".into()),
+                prefix: Some(prefix.into()),
                 ..Default::default()
             },
             ..Default::default()
         };
         loop {
             let page = self.rows.read_range(search.clone()).await?;
-            for item in &page.items {
-                for raw in item.live_values() {
-                    let r: CheckpointRef =
-                        postcard::from_bytes(raw).map_err(|e| LogError::Corrupt {
-                            key: item.sort_key.clone(),
-                            detail: e.to_string(),
-                        })?;
-                    out.push(r);
-                }
-            }
+            out.extend(page.items);
             if !page.more {
                 return Ok(out);
             }
@@ -338,28 +343,10 @@ impl LogStore {
     /// Every lease row of the log.
     pub async fn leases(&self) -> Result<Vec<LeaseRow>, LogError> {
         let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .rows
-                .read_range(ReadRange {
-                    partition_key: self.meta.clone(),
-                    range: KeyRange {
-                        prefix: Some("l/".into()),
-                        start: start.clone(),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                })
-                .await?;
-            for item in &page.items {
-                out.extend(lease_row(item)?);
-            }
-            if !page.more {
-                return Ok(out);
-            }
-            start = page.next_start;
+        for item in self.list_meta("l/").await? {
+            out.extend(lease_row(&item)?);
         }
+        Ok(out)
     }
 
     /// Forgets a writer that is gone and whose every op a checkpoint holds: its registry row
@@ -444,33 +431,16 @@ impl LogStore {
     }
 
     async fn writers(&self) -> Result<Vec<(WriterId, String, Vec<u8>)>, LogError> {
-        let mut writers = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .rows
-                .read_range(ReadRange {
-                    partition_key: self.meta.clone(),
-                    range: KeyRange {
-                        prefix: Some("w/".into()),
-                        start: start.clone(),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                })
-                .await?;
-            for item in page.items {
-                if let (Some(w), Some(v)) =
-                    (parse_writer(&item.sort_key), item.live_values().next())
-                {
-                    writers.push((w, item.sort_key.clone(), v.to_vec()));
-                }
-            }
-            if !page.more {
-                return Ok(writers);
-            }
-            start = page.next_start;
-        }
+        Ok(self
+            .list_meta("w/")
+            .await?
+            .into_iter()
+            .filter_map(|item| {
+                let w = parse_writer(&item.sort_key)?;
+                let v = item.live_values().next()?.to_vec();
+                Some((w, item.sort_key, v))
+            })
+            .collect())
     }
 
     /// Waits until some op is written after `marker` (`None`: returns a marker at once). Returns

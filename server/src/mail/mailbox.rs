@@ -217,6 +217,15 @@ impl Inner {
         self.headers.push(header);
     }
 
+    fn checkpoint_due(&self, every_ops: u64, every: Duration) -> bool {
+        let pending = self
+            .headers
+            .iter()
+            .filter(|h| !self.checkpointed.covers(h.dot))
+            .count() as u64;
+        pending >= every_ops || (pending > 0 && self.last_checkpoint.elapsed() >= every)
+    }
+
     /// A fresh writer id after a failed or abandoned one: never reuse a dot that may be stored.
     fn new_writer(&mut self) {
         self.writer = fresh_writer();
@@ -620,26 +629,14 @@ impl Mailbox {
     }
 
     fn due(&self, inner: &Inner) -> bool {
-        let pending = inner
-            .headers
-            .iter()
-            .filter(|h| !inner.checkpointed.covers(h.dot))
-            .count() as u64;
         let policy = self.policy.checkpoint;
-        pending >= policy.every_ops
-            || (pending > 0 && inner.last_checkpoint.elapsed() >= policy.every)
+        inner.checkpoint_due(policy.every_ops, policy.every)
     }
 
     /// Is a checkpoint due: `every_ops` ops in no checkpoint, or `every` elapsed with at least
     /// one? (The policy's figures, given explicitly.)
     pub async fn checkpoint_due(&self, every_ops: u64, every: Duration) -> bool {
-        let inner = self.inner.lock().await;
-        let pending = inner
-            .headers
-            .iter()
-            .filter(|h| !inner.checkpointed.covers(h.dot))
-            .count() as u64;
-        pending >= every_ops || (pending > 0 && inner.last_checkpoint.elapsed() >= every)
+        self.inner.lock().await.checkpoint_due(every_ops, every)
     }
 
     /// Deletes the op rows a stored checkpoint covers.
