@@ -4,9 +4,11 @@
 //! model) → `log` (the causal log) → `storage` (rows and blobs); `crypto` (encryption at rest)
 //! and `users` (the user directory) are used by all of them.
 
+pub mod config;
 pub mod crypto;
 pub mod imap;
 pub mod log;
 pub mod mail;
+pub mod net;
 pub mod storage;
 pub mod users;

@@ -1,6 +1,6 @@
-//! The `tern` binary: `tern dev` runs a complete single-node server for trying Tern out;
-//! `tern check-storage` checks a storage configuration.
-//! TODO(#4/#5): `tern serve --config tern.yaml` (Garage backend, TLS, LMTP).
+//! The `tern` binary: `tern serve` runs a production server from `tern.yaml`; `tern dev` runs a
+//! complete single-node server for trying Tern out; `tern check-config` and
+//! `tern check-storage` check files before they are used.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,9 +9,11 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use tern_server::config::{Config, ListenTls};
 use tern_server::crypto::{Argon2Params, UserSecrets};
-use tern_server::imap::{ImapConfig, ImapServer};
+use tern_server::imap::{ImapConfig, ImapServer, Listen};
 use tern_server::mail::account::Accounts;
+use tern_server::net::TlsProvider;
 use tern_server::storage::{StorageConfig, Store};
 use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
 use tracing_subscriber::EnvFilter;
@@ -26,6 +28,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server from a configuration file (Garage backend, TLS): see docs/config.md.
+    ///
+    /// Listens for IMAP (STARTTLS on 1143 and implicit TLS on 1993 by default). The file is
+    /// checked first; a certificate or storage that cannot be used stops the start with the
+    /// reason. The certificate files are re-read periodically, so a renewal needs no restart.
+    /// SIGTERM or Ctrl-C stops accepting connections and exits.
+    Serve {
+        /// Path of tern.yaml.
+        #[arg(long, short, value_name = "FILE", default_value = "tern.yaml")]
+        config: PathBuf,
+    },
+    /// Check a tern.yaml without starting anything that listens: syntax, values, the
+    /// certificate and key. Says what is wrong and where (line, or field path).
+    CheckConfig {
+        /// Path of tern.yaml.
+        #[arg(value_name = "FILE", default_value = "tern.yaml")]
+        config: PathBuf,
+    },
     /// Run Tern on this machine to try it out: embedded store, IMAP on 127.0.0.1:1143.
     ///
     /// Mail and users are kept in the data directory (`./tern-data` by default): the users in
@@ -89,6 +109,8 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev(args).await,
+        Command::Serve { config } => serve(&config).await,
+        Command::CheckConfig { config } => check_config(&config).await,
         Command::CheckStorage { config } => check_storage(&config).await,
     }
 }
@@ -178,6 +200,86 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let server = ImapServer::new(config, accounts);
     server.serve(listener, shutdown_signal()).await?;
     println!("tern dev: stopped");
+    Ok(())
+}
+
+/// Reads and checks the file: syntax with its line, then every unusable value with its path.
+async fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .with_context(|| format!("reading {}", path.display()))?;
+    Config::parse_and_check(&text).with_context(|| format!("{} is not usable", path.display()))
+}
+
+async fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = load_config(path).await?;
+    if let Some(tls) = &config.tls {
+        TlsProvider::load(tls.files.clone())
+            .await
+            .context("tls: the certificate cannot be used")?;
+    }
+    let listeners = config.imap.listeners(config.tls.is_some());
+    println!("{}: OK", path.display());
+    for l in listeners {
+        println!("  imap {} ({:?})", l.addr, l.tls);
+    }
+    Ok(())
+}
+
+async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = load_config(path).await?;
+    let tls = match &config.tls {
+        Some(t) => {
+            let provider = TlsProvider::load(t.files.clone())
+                .await
+                .context("tls: the certificate cannot be used")?;
+            provider.spawn_reloader(std::time::Duration::from_secs(t.reload_secs));
+            Some(provider)
+        }
+        None => None,
+    };
+    let store = Store::open(&config.storage)
+        .await
+        .context("opening the store")?;
+    let users = YamlDirectory::open(&config.users.file)
+        .await
+        .with_context(|| format!("opening the users file {}", config.users.file.display()))?;
+    let accounts = Accounts::new(store, Arc::new(users));
+    let server = Arc::new(ImapServer::with_tls(
+        config.imap.runtime(),
+        accounts,
+        tls.clone(),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in config.imap.listeners(tls.is_some()) {
+        let listener = tokio::net::TcpListener::bind(l.addr)
+            .await
+            .with_context(|| format!("imap: listening on {}", l.addr))?;
+        let listen = match l.tls {
+            ListenTls::Starttls => Listen::Plain,
+            ListenTls::Implicit => Listen::ImplicitTls,
+        };
+        tracing::info!(addr = %listener.local_addr()?, tls = ?l.tls, "IMAP listening");
+        let server = server.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            server.serve_on(listener, listen, stopped).await
+        });
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        Some(done) = tasks.join_next() => {
+            // A listener ended on its own: that is an error worth stopping for.
+            done.context("listener task")?.context("listener")?;
+        }
+    }
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("stopped");
     Ok(())
 }
 

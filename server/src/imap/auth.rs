@@ -14,38 +14,63 @@ impl Session {
         username: Vec<u8>,
         password: Vec<u8>,
     ) -> Result<Reply, Failure> {
-        if !self.ctx.config.allow_plaintext {
+        if !self.plaintext_ok() {
             return Err(no_code(
                 code("PRIVACYREQUIRED"),
                 "login without TLS is disabled on this server",
             ));
         }
         let password = zeroize::Zeroizing::new(password);
+        let name = String::from_utf8_lossy(&username).into_owned();
+        if let Err(wait) = self.ctx.throttle.check(self.client_ip, &name) {
+            tracing::warn!(peer = %self.peer, user = %name, "login refused: too many failures");
+            return Err(no_code(
+                code("UNAVAILABLE"),
+                format!(
+                    "too many failed logins; try again in {} s",
+                    wait.as_secs().max(1)
+                ),
+            ));
+        }
         let (Ok(user), Ok(pass)) = (
             std::str::from_utf8(&username),
             std::str::from_utf8(&password),
         ) else {
-            return self.rejected().await;
+            return self.rejected(&name).await;
         };
         match self.ctx.accounts.login(user, pass).await {
-            Ok(account) => {
-                tracing::info!(peer = %self.peer, user = %account.user.name, "logged in");
-                self.account = Some(account);
-                Ok(Reply::Done {
-                    code: Some(Code::Capability(self.capabilities())),
-                    text: "logged in".into(),
-                })
-            }
-            Err(crate::mail::account::AccountError::Rejected) => {
-                tracing::info!(peer = %self.peer, user = %user, "login failed");
-                self.rejected().await
-            }
+            Ok(account) => self.logged_in(account),
+            Err(crate::mail::account::AccountError::Rejected) => self.rejected(user).await,
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn rejected(&self) -> Result<Reply, Failure> {
-        tokio::time::sleep(self.ctx.config.auth_failure_delay).await;
+    /// Takes the user's connection slot and enters the authenticated state.
+    pub(super) fn logged_in(
+        &mut self,
+        account: std::sync::Arc<crate::mail::account::Account>,
+    ) -> Result<Reply, Failure> {
+        let slot = match self.ctx.limits.login(&account.user.name) {
+            Ok(slot) => slot,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, user = %account.user.name, "login refused: {e}");
+                return Err(no_code(code("LIMIT"), e.to_string()));
+            }
+        };
+        self.ctx.throttle.succeeded(&account.user.name);
+        tracing::info!(peer = %self.peer, user = %account.user.name, tls = self.tls, "logged in");
+        self.user_slot = Some(slot);
+        self.account = Some(account);
+        Ok(Reply::Done {
+            code: Some(Code::Capability(self.capabilities())),
+            text: "logged in".into(),
+        })
+    }
+
+    pub(super) async fn rejected(&self, user: &str) -> Result<Reply, Failure> {
+        tracing::info!(peer = %self.peer, user = %user, "login failed");
+        let delay = self.ctx.throttle.failed(self.client_ip, user);
+        tokio::time::sleep(delay).await;
         Err(no_code(code("AUTHENTICATIONFAILED"), "invalid credentials"))
     }
 
@@ -61,7 +86,7 @@ impl Session {
                 format!("mechanism {mechanism} is not supported (PLAIN is)"),
             ));
         }
-        if !self.ctx.config.allow_plaintext {
+        if !self.plaintext_ok() {
             return Err(no_code(
                 code("PRIVACYREQUIRED"),
                 "authentication without TLS is disabled on this server",

@@ -9,20 +9,35 @@ fn other(name: &str) -> Option<Capability<'static>> {
     Atom::try_from(name.to_string()).ok().map(Capability::from)
 }
 
+/// What a connection is in a position to be offered.
+pub struct Offer {
+    pub authenticated: bool,
+    /// A password may be sent in the clear (TLS is active, or plaintext is allowed).
+    pub password_ok: bool,
+    /// TLS is available and not active yet.
+    pub starttls: bool,
+    pub max_literal: u32,
+}
+
 /// The capability list for a connection in the given state.
-pub fn capabilities(
-    authenticated: bool,
-    allow_plaintext: bool,
-    max_literal: u32,
-) -> Vec1<Capability<'static>> {
+pub fn capabilities(offer: Offer) -> Vec1<Capability<'static>> {
+    let Offer {
+        authenticated,
+        password_ok,
+        starttls,
+        max_literal,
+    } = offer;
     let mut caps = vec![Capability::Imap4Rev1];
     if !authenticated {
-        if allow_plaintext {
+        if starttls {
+            caps.push(Capability::StartTls);
+        }
+        if password_ok {
             caps.push(Capability::Auth(AuthMechanism::Plain));
-            caps.push(Capability::SaslIr);
         } else {
             caps.push(Capability::LoginDisabled);
         }
+        caps.push(Capability::SaslIr);
     }
     caps.extend([
         Capability::LiteralPlus,

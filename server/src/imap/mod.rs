@@ -36,14 +36,17 @@ mod tests;
 
 use std::time::Duration;
 
-pub use server::ImapServer;
+use crate::net::ProxyPolicy;
+use crate::net::throttle::ThrottleConfig;
+
+pub use server::{ImapServer, Listen};
 pub use session::{Context, Session};
 
 /// Limits and switches of the IMAP service.
 #[derive(Debug, Clone)]
 pub struct ImapConfig {
-    /// Accept LOGIN and AUTHENTICATE PLAIN without TLS (dev mode; TLS arrives later, until then
-    /// a server without this switch refuses every login and says LOGINDISABLED).
+    /// Accept LOGIN and AUTHENTICATE PLAIN on a connection without TLS (dev mode). Without
+    /// it, a plaintext connection advertises STARTTLS and LOGINDISABLED.
     pub allow_plaintext: bool,
     /// Longest command line (without its literals).
     pub max_line: usize,
@@ -58,8 +61,14 @@ pub struct ImapConfig {
     pub idle_timeout: Duration,
     /// Interval of the `* OK` keepalives sent during IDLE.
     pub keepalive: Duration,
-    /// How long a failed login waits before it is answered.
-    pub auth_failure_delay: Duration,
+    /// Delays and limits on failed logins (per client address and per user).
+    pub throttle: ThrottleConfig,
+    /// Open connections allowed from one client address.
+    pub max_connections_per_address: u32,
+    /// Open (logged-in) connections allowed for one user.
+    pub max_connections_per_user: u32,
+    /// Load balancers whose PROXY v2 header names the real client.
+    pub proxy: ProxyPolicy,
     /// Output is flushed to the socket when this many bytes are buffered.
     pub flush_threshold: usize,
     /// Time allowed for the client to take a chunk of output.
@@ -76,7 +85,10 @@ impl Default for ImapConfig {
             command_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(31 * 60),
             keepalive: Duration::from_secs(120),
-            auth_failure_delay: Duration::from_secs(2),
+            throttle: ThrottleConfig::default(),
+            max_connections_per_address: 100,
+            max_connections_per_user: 50,
+            proxy: ProxyPolicy::default(),
             flush_threshold: 64 * 1024,
             write_timeout: Duration::from_secs(120),
         }

@@ -13,11 +13,16 @@ use imap_codec::imap_types::response::{
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+/// A socket's writing side. `Any` so that the connection can take its own half back for
+/// STARTTLS.
+pub trait Sink: AsyncWrite + Unpin + Send + std::any::Any {}
+impl<T: AsyncWrite + Unpin + Send + std::any::Any> Sink for T {}
+
 /// Where encoded responses go. Without a sink (tests) everything stays in the buffer.
 pub struct Out {
     codec: ResponseCodec,
     buf: Vec<u8>,
-    sink: Option<Box<dyn AsyncWrite + Unpin + Send>>,
+    sink: Option<Box<dyn Sink>>,
     flush_threshold: usize,
     write_timeout: Duration,
 }
@@ -58,11 +63,7 @@ impl Out {
         }
     }
 
-    pub fn to_sink(
-        sink: Box<dyn AsyncWrite + Unpin + Send>,
-        flush_threshold: usize,
-        write_timeout: Duration,
-    ) -> Out {
+    pub fn to_sink(sink: Box<dyn Sink>, flush_threshold: usize, write_timeout: Duration) -> Out {
         Out {
             codec: ResponseCodec::default(),
             buf: Vec::with_capacity(flush_threshold.min(1 << 20)),
@@ -70,6 +71,11 @@ impl Out {
             flush_threshold,
             write_timeout,
         }
+    }
+
+    /// Gives the sink back (after a flush), e.g. to start TLS on the socket.
+    pub fn take_sink(&mut self) -> Option<Box<dyn Sink>> {
+        self.sink.take()
     }
 
     fn encode(&mut self, response: &Response<'_>) {

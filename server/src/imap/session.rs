@@ -25,17 +25,43 @@ use crate::mail::account::{AccountError, Accounts};
 use crate::mail::mailbox::MailboxError;
 use crate::mail::mailbox_list::ListError;
 use crate::mail::message::MessageError;
+use crate::net::{AuthThrottle, ConnectionLimits, TlsProvider};
 
 /// What every session of a server shares.
 pub struct Context {
     pub config: ImapConfig,
     pub accounts: Arc<Accounts>,
+    /// The certificate for STARTTLS and implicit TLS; `None`: plaintext only.
+    pub tls: Option<Arc<TlsProvider>>,
+    pub limits: Arc<ConnectionLimits>,
+    pub throttle: AuthThrottle,
+}
+
+impl Context {
+    pub fn new(
+        config: ImapConfig,
+        accounts: Arc<Accounts>,
+        tls: Option<Arc<TlsProvider>>,
+    ) -> Context {
+        Context {
+            limits: ConnectionLimits::new(
+                config.max_connections_per_address,
+                config.max_connections_per_user,
+            ),
+            throttle: AuthThrottle::new(config.throttle),
+            config,
+            accounts,
+            tls,
+        }
+    }
 }
 
 /// Whether the connection goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     Continue,
+    /// The tagged OK to STARTTLS is written: flush it, then start the TLS handshake.
+    StartTls,
     Close,
 }
 
@@ -49,6 +75,7 @@ pub(super) enum Reply {
     /// No tagged response yet (AUTHENTICATE waits for the client's response, IDLE for DONE).
     Pending,
     Logout,
+    StartTls,
 }
 
 pub(super) fn done(text: impl Into<String>) -> Result<Reply, Failure> {
@@ -177,6 +204,12 @@ pub struct Session {
     pending: Pending,
     /// Who is on the other end, for logs.
     pub peer: String,
+    /// The client's address (after a PROXY header), for the login throttle.
+    pub(super) client_ip: Option<std::net::IpAddr>,
+    /// Whether the connection is encrypted (implicit TLS or after STARTTLS).
+    pub(super) tls: bool,
+    /// This user's connection slot, held while logged in.
+    pub(super) user_slot: Option<crate::net::limits::Slot>,
 }
 
 /// The mailbox name a client gave, as the mailbox list stores it.
@@ -198,7 +231,29 @@ impl Session {
             enabled: Enabled::default(),
             pending: Pending::None,
             peer: peer.into(),
+            client_ip: None,
+            tls: false,
+            user_slot: None,
         }
+    }
+
+    pub fn ctx(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The client's real address, for the login throttle.
+    pub fn set_client_ip(&mut self, ip: std::net::IpAddr) {
+        self.client_ip = Some(ip);
+    }
+
+    /// The connection is now encrypted.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+    }
+
+    /// Whether LOGIN / AUTHENTICATE PLAIN may carry a password on this connection.
+    pub(super) fn plaintext_ok(&self) -> bool {
+        self.tls || self.ctx.config.allow_plaintext
     }
 
     pub fn greeting(&self, out: &mut Out) {
@@ -213,11 +268,12 @@ impl Session {
         &self,
     ) -> imap_codec::imap_types::core::Vec1<imap_codec::imap_types::response::Capability<'static>>
     {
-        capability::capabilities(
-            self.account.is_some(),
-            self.ctx.config.allow_plaintext,
-            self.ctx.config.max_literal,
-        )
+        capability::capabilities(capability::Offer {
+            authenticated: self.account.is_some(),
+            password_ok: self.plaintext_ok(),
+            starttls: !self.tls && self.ctx.tls.is_some(),
+            max_literal: self.ctx.config.max_literal,
+        })
     }
 
     /// How the input should decode the next message.
@@ -353,6 +409,11 @@ impl Session {
                 out.tagged(tag, StatusKind::Ok, code, &text);
             }
             Ok(Reply::Pending) => {}
+            Ok(Reply::StartTls) => {
+                tracing::debug!(peer = %self.peer, "STARTTLS");
+                out.tagged(tag, StatusKind::Ok, None, "begin TLS negotiation now");
+                return Ok(Flow::StartTls);
+            }
             Ok(Reply::Logout) => {
                 out.bye(None, "logging out");
                 out.tagged(tag, StatusKind::Ok, None, "LOGOUT completed");
@@ -420,7 +481,19 @@ impl Session {
                 });
                 done("ID completed")
             }
-            C::StartTLS => Err(bad("STARTTLS is not available: this server has no TLS yet")),
+            C::StartTLS => {
+                if self.tls {
+                    Err(bad("TLS is already active"))
+                } else if self.account.is_some() {
+                    Err(bad("STARTTLS is only allowed before logging in"))
+                } else if self.ctx.tls.is_none() {
+                    Err(bad(
+                        "STARTTLS is not available: this server has no certificate",
+                    ))
+                } else {
+                    Ok(Reply::StartTls)
+                }
+            }
             C::Login { username, password } => {
                 if self.account.is_some() {
                     return Err(bad("already authenticated"));

@@ -24,7 +24,10 @@ struct Env {
 fn config() -> ImapConfig {
     ImapConfig {
         allow_plaintext: true,
-        auth_failure_delay: Duration::ZERO,
+        throttle: crate::net::throttle::ThrottleConfig {
+            base_delay_ms: 0,
+            ..Default::default()
+        },
         max_literal: 100_000,
         max_line: 2_000,
         ..ImapConfig::default()
@@ -80,10 +83,7 @@ struct Client {
 impl Client {
     fn new(env: &Env, config: ImapConfig) -> Client {
         let input = Input::new(config.max_line, config.max_literal);
-        let ctx = Arc::new(Context {
-            config,
-            accounts: env.accounts.clone(),
-        });
+        let ctx = Arc::new(Context::new(config, env.accounts.clone(), None));
         let session = Session::new(ctx, "test");
         let mut out = Out::buffered();
         session.greeting(&mut out);
