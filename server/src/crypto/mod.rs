@@ -9,6 +9,7 @@
 //! Changing the password re-seals the identity; mail is never re-encrypted.
 
 mod kdf;
+pub mod scram;
 mod seal;
 mod user_keys;
 

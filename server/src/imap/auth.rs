@@ -1,11 +1,28 @@
-//! LOGIN and AUTHENTICATE PLAIN (with SASL-IR, RFC 4959). Both carry the password, which is
-//! what unlocks the user's mail (docs: auth-and-keys): they are refused on a connection without
-//! TLS unless the configuration allows plaintext (dev mode). SCRAM-SHA-256 comes with TLS.
+//! LOGIN, AUTHENTICATE PLAIN and AUTHENTICATE SCRAM-SHA-256 (all with SASL-IR, RFC 4959).
+//! LOGIN and PLAIN carry the password, which is what unlocks the user's mail (docs:
+//! auth-and-keys): they are refused on a connection without TLS unless the configuration allows
+//! plaintext (dev mode). SCRAM never sends the password; the ClientKey it proves unlocks the
+//! mail instead, so it is offered on every connection. Failures of all three go through the
+//! same throttle.
 
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::response::Code;
 
 use super::output::{Out, code};
+use crate::crypto::scram::{ClientFirst, ScramError, ServerFirst};
+use crate::mail::account::Account;
+use crate::users::User;
+
+/// Where an AUTHENTICATE exchange stands.
+pub(crate) enum Sasl {
+    Plain,
+    /// Waiting for SCRAM's client-first message.
+    ScramFirst,
+    /// Server-first sent; waiting for client-final.
+    ScramFinal(Box<(ServerFirst, Option<std::sync::Arc<User>>)>),
+    /// Verified, server-final sent; waiting for the client's empty response.
+    ScramDone(std::sync::Arc<Account>),
+}
 use super::session::{Failure, Reply, Session, bad, no_code};
 
 impl Session {
@@ -80,21 +97,31 @@ impl Session {
         initial: Option<Vec<u8>>,
         out: &mut Out,
     ) -> Result<Reply, Failure> {
-        if !matches!(mechanism, AuthMechanism::Plain) {
-            return Err(no_code(
-                code("CANNOT"),
-                format!("mechanism {mechanism} is not supported (PLAIN is)"),
-            ));
-        }
-        if !self.plaintext_ok() {
-            return Err(no_code(
-                code("PRIVACYREQUIRED"),
-                "authentication without TLS is disabled on this server",
-            ));
-        }
+        let sasl = match mechanism {
+            AuthMechanism::Plain => {
+                if !self.plaintext_ok() {
+                    return Err(no_code(
+                        code("PRIVACYREQUIRED"),
+                        "authentication without TLS is disabled on this server",
+                    ));
+                }
+                Sasl::Plain
+            }
+            AuthMechanism::ScramSha256 => Sasl::ScramFirst,
+            other => {
+                return Err(no_code(
+                    code("CANNOT"),
+                    format!("mechanism {other} is not supported (PLAIN and SCRAM-SHA-256 are)"),
+                ));
+            }
+        };
         match initial {
-            Some(response) => self.plain(response).await,
+            Some(response) => {
+                self.sasl = Some(sasl);
+                self.authenticate_step(response, out).await
+            }
             None => {
+                self.sasl = Some(sasl);
                 out.continue_empty();
                 Ok(Reply::Pending)
             }
@@ -104,12 +131,85 @@ impl Session {
     pub(super) async fn authenticate_data(
         &mut self,
         data: AuthenticateData<'_>,
+        out: &mut Out,
     ) -> Result<Reply, Failure> {
         match data {
             AuthenticateData::Continue(response) => {
-                self.plain(response.declassify().to_vec()).await
+                self.authenticate_step(response.declassify().to_vec(), out)
+                    .await
             }
-            AuthenticateData::Cancel => Err(bad("AUTHENTICATE cancelled")),
+            AuthenticateData::Cancel => {
+                self.sasl = None;
+                Err(bad("AUTHENTICATE cancelled"))
+            }
+        }
+    }
+
+    /// One client response of the exchange under way.
+    async fn authenticate_step(
+        &mut self,
+        response: Vec<u8>,
+        out: &mut Out,
+    ) -> Result<Reply, Failure> {
+        let response = zeroize::Zeroizing::new(response);
+        match self.sasl.take() {
+            None => Err(bad("no authentication under way")),
+            Some(Sasl::Plain) => self.plain(response.to_vec()).await,
+            Some(Sasl::ScramFirst) => {
+                let first = ClientFirst::parse(&response).map_err(|e| bad(e.to_string()))?;
+                if let Err(wait) = self.ctx.throttle.check(self.client_ip, &first.username) {
+                    return Err(no_code(
+                        code("UNAVAILABLE"),
+                        format!(
+                            "too many failed logins; try again in {} s",
+                            wait.as_secs().max(1)
+                        ),
+                    ));
+                }
+                let user = self
+                    .ctx
+                    .accounts
+                    .directory()
+                    .user(&first.username)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "user directory");
+                        no_code(code("UNAVAILABLE"), "the user directory cannot be read")
+                    })?;
+                let verifier = user.as_ref().map(|u| u.keys.scram.clone());
+                let decoy = self.ctx.accounts.decoy_salt(&first.username);
+                let server_first = first.challenge(verifier, &decoy);
+                out.continue_base64(server_first.message().as_bytes());
+                self.sasl = Some(Sasl::ScramFinal(Box::new((server_first, user))));
+                Ok(Reply::Pending)
+            }
+            Some(Sasl::ScramFinal(pending)) => {
+                let (server_first, user) = *pending;
+                let name = server_first.username().to_string();
+                let verified = match server_first.finish(&response) {
+                    Ok(v) => v,
+                    Err(ScramError::Proof) => return self.rejected(&name).await,
+                    Err(e) => return Err(bad(e.to_string())),
+                };
+                let Some(user) = user else {
+                    return self.rejected(&name).await;
+                };
+                let account = self
+                    .ctx
+                    .accounts
+                    .login_scram(user, &verified.client_key)
+                    .await
+                    .map_err(Failure::from)?;
+                out.continue_base64(verified.server_final.as_bytes());
+                self.sasl = Some(Sasl::ScramDone(account));
+                Ok(Reply::Pending)
+            }
+            Some(Sasl::ScramDone(account)) => {
+                if !response.is_empty() {
+                    return Err(bad("SCRAM is complete: an empty response was expected"));
+                }
+                self.logged_in(account)
+            }
         }
     }
 

@@ -37,6 +37,8 @@ pub fn capabilities(offer: Offer) -> Vec1<Capability<'static>> {
         } else {
             caps.push(Capability::LoginDisabled);
         }
+        // SCRAM does not reveal the password: fine without TLS too.
+        caps.push(Capability::Auth(AuthMechanism::ScramSha256));
         caps.push(Capability::SaslIr);
     }
     caps.extend([

@@ -126,6 +126,13 @@ impl Out {
         self.encode(&Response::CommandContinuationRequest(req));
     }
 
+    /// `+ <base64>`: a SASL challenge with data.
+    pub fn continue_base64(&mut self, data: &[u8]) {
+        self.encode(&Response::CommandContinuationRequest(
+            CommandContinuationRequest::base64(data.to_vec()),
+        ));
+    }
+
     /// `+ ` with empty base64 data (a SASL challenge).
     pub fn continue_empty(&mut self) {
         self.encode(&Response::CommandContinuationRequest(

@@ -210,6 +210,8 @@ pub struct Session {
     pub(super) tls: bool,
     /// This user's connection slot, held while logged in.
     pub(super) user_slot: Option<crate::net::limits::Slot>,
+    /// The SASL exchange under way (AUTHENTICATE waiting for the client's next response).
+    pub(super) sasl: Option<super::auth::Sasl>,
 }
 
 /// The mailbox name a client gave, as the mailbox list stores it.
@@ -234,6 +236,7 @@ impl Session {
             client_ip: None,
             tls: false,
             user_slot: None,
+            sasl: None,
         }
     }
 
@@ -338,7 +341,11 @@ impl Session {
                     Pending::Authenticate(tag) => tag,
                     _ => return Ok(Flow::Continue),
                 };
-                let result = self.authenticate_data(data).await;
+                let result = self.authenticate_data(data, out).await;
+                if let Ok(Reply::Pending) = result {
+                    self.pending = Pending::Authenticate(tag);
+                    return Ok(Flow::Continue);
+                }
                 self.finish(tag, "AUTHENTICATE", result, out)
             }
             Event::IdleDone => {
@@ -359,6 +366,7 @@ impl Session {
                 reason,
             } => {
                 // A bad line while AUTHENTICATE or IDLE waits ends that command.
+                self.sasl = None;
                 let tag = match std::mem::replace(&mut self.pending, Pending::None) {
                     Pending::Authenticate(t) | Pending::Idle(t) => Some(t),
                     Pending::None => tag,

@@ -149,7 +149,7 @@ async fn states_capabilities_and_login() {
     let mut c = Client::new(&env, config());
     let greeting = String::from_utf8_lossy(&c.out.take()).into_owned();
     assert!(
-        greeting.starts_with("* OK [CAPABILITY IMAP4REV1 AUTH=PLAIN SASL-IR"),
+        greeting.starts_with("* OK [CAPABILITY IMAP4REV1 AUTH=PLAIN AUTH=SCRAM-SHA-256 SASL-IR"),
         "{greeting}"
     );
     assert!(!greeting.contains("LOGINDISABLED"));

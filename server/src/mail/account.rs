@@ -1,5 +1,5 @@
-//! The accounts one process serves, shared by every protocol session in it (IMAP today, LMTP
-//! and the SASL service later).
+//! The accounts one process serves, shared by every protocol session in it (IMAP, LMTP
+//! delivery, and the SASL service later).
 //!
 //! - A user is unlocked once per process: the first login runs argon2id and opens the user's
 //!   identity; later logins of the same user, while one of their sessions is alive, are checked
@@ -109,7 +109,54 @@ impl Accounts {
                 CryptoError::WrongKey => AccountError::Rejected,
                 other => AccountError::Keys(other),
             })?;
-        let identity = Arc::new(unlocked.identity);
+        self.register(user, unlocked.identity, check).await
+    }
+
+    /// A login proven by SCRAM-SHA-256: `client_key` (recovered from a verified proof) opens
+    /// the user's identity, which is cheap (no argon2id), so there is no cache to consult.
+    pub async fn login_scram(
+        &self,
+        user: Arc<User>,
+        client_key: &[u8; 32],
+    ) -> Result<Arc<Account>, AccountError> {
+        if let Some(account) = self.live(&user.id)
+            && account.user.keys == user.keys
+        {
+            return Ok(account);
+        }
+        let unlocked = user
+            .keys
+            .unlock_with_scram(client_key)
+            .map_err(|e| match e {
+                CryptoError::WrongKey => AccountError::Rejected,
+                other => AccountError::Keys(other),
+            })?;
+        // Never matches a password: a later LOGIN of this user runs argon2id once.
+        let check: [u8; 32] = rand::random();
+        self.register(user, unlocked.identity, check).await
+    }
+
+    /// A salt for a SCRAM exchange with a user name that does not exist: stable per name, so
+    /// that asking twice does not tell unknown names from known ones.
+    pub fn decoy_salt(&self, name: &str) -> [u8; 16] {
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        h.update(b"scram-decoy");
+        h.update(name.to_lowercase().as_bytes());
+        let d: [u8; 32] = h.finalize().into();
+        let mut salt = [0u8; 16];
+        salt.copy_from_slice(&d[..16]);
+        salt
+    }
+
+    /// Makes an unlocked user this process's account for it.
+    async fn register(
+        &self,
+        user: Arc<User>,
+        identity: x25519::Identity,
+        check: [u8; 32],
+    ) -> Result<Arc<Account>, AccountError> {
+        let identity = Arc::new(identity);
         let account = Arc::new(Account::new(&self.store, user, identity, check)?);
         // A first login in this process: make sure INBOX and the special-use folders exist.
         account.list.ensure_defaults().await?;
@@ -124,6 +171,17 @@ impl Accounts {
         }
         open.insert(account.user.id.clone(), Arc::downgrade(&account));
         Ok(account)
+    }
+
+    /// The handle this process's sessions hold on one of `user`'s mailboxes, if any session
+    /// holds one. A delivery writes through it so that those sessions (IDLE too) see the
+    /// message at once; it never opens one (that needs the key, and nobody would watch it).
+    pub async fn held_mailbox(
+        &self,
+        user: &UserId,
+        mailbox: &MailboxId,
+    ) -> Option<Arc<OpenMailbox>> {
+        self.live(user)?.held(mailbox).await
     }
 
     /// How many accounts are unlocked in this process (for tests and metrics).
@@ -269,6 +327,12 @@ impl Account {
         map.retain(|_, m| m.strong_count() > 0);
         map.insert(id.clone(), Arc::downgrade(&open));
         Ok(open)
+    }
+
+    /// The handle on `id` if a session of this process holds one; opens nothing.
+    pub async fn held(&self, id: &MailboxId) -> Option<Arc<OpenMailbox>> {
+        let map = self.mailboxes.lock().await;
+        map.get(id).and_then(Weak::upgrade)
     }
 
     /// How many mailbox handles of this account are open (for tests and metrics).
