@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::imap::ImapConfig;
+use crate::lmtp::LmtpConfig;
 use crate::net::ProxyPolicy;
 use crate::net::TlsFiles;
 use crate::net::throttle::ThrottleConfig;
@@ -58,6 +59,74 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub imap: ImapSection,
+    #[serde(default)]
+    pub lmtp: LmtpSection,
+}
+
+/// The LMTP service (deliveries from Postfix). Every field has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpSection {
+    /// Serve LMTP at all.
+    pub enabled: bool,
+    /// Loopback by default: the Postfix next to the server delivers here.
+    pub listen: SocketAddr,
+    /// Name in the greeting and in `Received:` lines.
+    pub hostname: String,
+    /// Largest message taken (SIZE); larger: 552 5.3.4.
+    pub max_message_bytes: u64,
+    pub max_recipients: usize,
+    pub max_line_bytes: usize,
+    pub command_timeout_secs: u64,
+    pub data_timeout_secs: u64,
+    /// A delivery not acknowledged by the store in this time is answered 451 (Postfix retries;
+    /// the retry finds the stored copy).
+    pub delivery_timeout_secs: u64,
+    /// A retry of the same bytes for the same user within this window is not stored twice.
+    pub dedup_window_secs: u64,
+    /// Bad commands tolerated before the connection is closed.
+    pub max_errors: u32,
+    pub max_connections: usize,
+    pub write_timeout_secs: u64,
+}
+
+impl Default for LmtpSection {
+    fn default() -> Self {
+        let d = LmtpConfig::default();
+        LmtpSection {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 2424)),
+            hostname: d.hostname,
+            max_message_bytes: d.max_message_size,
+            max_recipients: d.max_recipients,
+            max_line_bytes: d.max_line,
+            command_timeout_secs: d.command_timeout.as_secs(),
+            data_timeout_secs: d.data_timeout.as_secs(),
+            delivery_timeout_secs: d.delivery_timeout.as_secs(),
+            dedup_window_secs: d.dedup_window.as_secs(),
+            max_errors: d.max_errors,
+            max_connections: d.max_connections,
+            write_timeout_secs: d.write_timeout.as_secs(),
+        }
+    }
+}
+
+impl LmtpSection {
+    pub fn runtime(&self) -> LmtpConfig {
+        LmtpConfig {
+            hostname: self.hostname.clone(),
+            max_message_size: self.max_message_bytes,
+            max_recipients: self.max_recipients,
+            max_line: self.max_line_bytes,
+            command_timeout: Duration::from_secs(self.command_timeout_secs),
+            data_timeout: Duration::from_secs(self.data_timeout_secs),
+            delivery_timeout: Duration::from_secs(self.delivery_timeout_secs),
+            dedup_window: Duration::from_secs(self.dedup_window_secs),
+            max_errors: self.max_errors,
+            max_connections: self.max_connections,
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +350,34 @@ impl Config {
                 "imap.auth_throttle",
                 "max_failures_per_* must be above 0 (0 would refuse every login)",
             );
+        }
+        let lmtp = &self.lmtp;
+        if lmtp.enabled {
+            if imap.listen.iter().any(|l| l.addr == lmtp.listen) {
+                add("lmtp.listen", "is also an IMAP listener");
+            }
+            for (name, v) in [
+                ("max_message_bytes", lmtp.max_message_bytes),
+                ("max_recipients", lmtp.max_recipients as u64),
+                ("command_timeout_secs", lmtp.command_timeout_secs),
+                ("data_timeout_secs", lmtp.data_timeout_secs),
+                ("delivery_timeout_secs", lmtp.delivery_timeout_secs),
+                ("max_connections", lmtp.max_connections as u64),
+                ("write_timeout_secs", lmtp.write_timeout_secs),
+            ] {
+                if v == 0 {
+                    add(&format!("lmtp.{name}"), "must be above 0");
+                }
+            }
+            if lmtp.max_line_bytes < 1000 {
+                add(
+                    "lmtp.max_line_bytes",
+                    "must be at least 1000 (RFC 5321's line limit)",
+                );
+            }
+            if lmtp.hostname.is_empty() || lmtp.hostname.contains(char::is_whitespace) {
+                add("lmtp.hostname", "must be a host name");
+            }
         }
         if let Some(tls) = &self.tls
             && tls.reload_secs == 0

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod crypto;
 pub mod imap;
+pub mod lmtp;
 pub mod log;
 pub mod mail;
 pub mod net;

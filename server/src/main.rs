@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use tern_server::config::{Config, ListenTls};
 use tern_server::crypto::{Argon2Params, UserSecrets};
 use tern_server::imap::{ImapConfig, ImapServer, Listen};
+use tern_server::lmtp::{LmtpConfig, LmtpServer};
 use tern_server::mail::account::Accounts;
 use tern_server::net::TlsProvider;
 use tern_server::storage::{StorageConfig, Store};
@@ -46,7 +47,8 @@ enum Command {
         #[arg(value_name = "FILE", default_value = "tern.yaml")]
         config: PathBuf,
     },
-    /// Run Tern on this machine to try it out: embedded store, IMAP on 127.0.0.1:1143.
+    /// Run Tern on this machine to try it out: embedded store, IMAP on 127.0.0.1:1143, LMTP on
+    /// 127.0.0.1:2424.
     ///
     /// Mail and users are kept in the data directory (`./tern-data` by default): the users in
     /// `users.yaml`, the encrypted mailboxes in `store/`. A restart keeps all mail. When the
@@ -74,6 +76,10 @@ struct DevArgs {
     /// Address the IMAP server listens on (port 0 picks a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1143")]
     imap: SocketAddr,
+    /// Address the LMTP server listens on (port 0 picks a free port). Deliveries to
+    /// NAME@DOMAIN land in that user's INBOX.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2424")]
+    lmtp: SocketAddr,
     /// Login name of the demo user, created if it does not exist yet [default: demo, when the
     /// directory has no user].
     #[arg(long, value_name = "NAME")]
@@ -194,11 +200,43 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.imap))?;
     let addr = listener.local_addr()?;
+    let lmtp_listener = tokio::net::TcpListener::bind(args.lmtp)
+        .await
+        .with_context(|| format!("listening on {}", args.lmtp))?;
+    let lmtp_addr = lmtp_listener.local_addr()?;
     println!("tern dev: data in {}", display_dir(&args.data));
     println!("tern dev: IMAP listening on {addr} (plaintext logins allowed: dev mode)");
-    tracing::info!(%addr, "IMAP server started");
-    let server = ImapServer::new(config, accounts);
-    server.serve(listener, shutdown_signal()).await?;
+    println!(
+        "tern dev: LMTP listening on {lmtp_addr} (deliver to NAME@{})",
+        args.domain
+    );
+    tracing::info!(%addr, %lmtp_addr, "IMAP and LMTP servers started");
+    let imap = ImapServer::new(config, accounts.clone());
+    let lmtp = LmtpServer::new(
+        LmtpConfig {
+            hostname: "localhost".into(),
+            ..LmtpConfig::default()
+        },
+        accounts,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let both = async {
+        tokio::try_join!(
+            imap.serve(listener, stopped(stop_rx.clone())),
+            lmtp.serve(lmtp_listener, stopped(stop_rx.clone())),
+        )
+    };
+    tokio::pin!(both);
+    tokio::select! {
+        _ = shutdown_signal() => {
+            let _ = stop_tx.send(true);
+            both.await?;
+        }
+        r = &mut both => { r?; }
+    }
     println!("tern dev: stopped");
     Ok(())
 }
@@ -247,7 +285,7 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
     let accounts = Accounts::new(store, Arc::new(users));
     let server = Arc::new(ImapServer::with_tls(
         config.imap.runtime(),
-        accounts,
+        accounts.clone(),
         tls.clone(),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -268,6 +306,20 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
                 let _ = stop.wait_for(|s| *s).await;
             };
             server.serve_on(listener, listen, stopped).await
+        });
+    }
+    if config.lmtp.enabled {
+        let listener = tokio::net::TcpListener::bind(config.lmtp.listen)
+            .await
+            .with_context(|| format!("lmtp: listening on {}", config.lmtp.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "LMTP listening");
+        let lmtp = LmtpServer::new(config.lmtp.runtime(), accounts.clone());
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            lmtp.serve(listener, stopped).await
         });
     }
     tokio::select! {

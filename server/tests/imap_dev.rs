@@ -1,5 +1,6 @@
 //! IMAP end to end with a real client library: Python's `imaplib` (tests/python/imap_client.py)
-//! against the real `tern dev` binary (restart included) and against the IMAP server run
+//! against the real `tern dev` binary (restart included; an LMTP delivery with `smtplib.LMTP`
+//! before the restart is still there, once, after it) and against the IMAP server run
 //! in-process on the local store.
 //!
 //! Needs `python3` (`tests/run` installs it); without it the tests fail and say why.
@@ -72,6 +73,7 @@ fn tern_binary() -> PathBuf {
 struct Dev {
     child: Child,
     port: u16,
+    lmtp_port: u16,
     log: PathBuf,
 }
 
@@ -87,6 +89,8 @@ impl Dev {
                 "dev",
                 "--imap",
                 "127.0.0.1:0",
+                "--lmtp",
+                "127.0.0.1:0",
                 "--user",
                 "alice",
                 "--password",
@@ -100,15 +104,22 @@ impl Dev {
             .expect("starting tern dev");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let port = loop {
+        let port_after = |line: &str, prefix: &str| {
+            line.split(prefix).nth(1).map(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u16>().expect("port")
+            })
+        };
+        let (mut port, mut lmtp_port) = (None, None);
+        let (port, lmtp_port) = loop {
+            if let (Some(p), Some(l)) = (port, lmtp_port) {
+                break (p, l);
+            }
             match lines.next() {
                 Some(Ok(line)) => {
                     say(&line);
-                    if let Some(rest) = line.split("IMAP listening on 127.0.0.1:").nth(1) {
-                        let digits: String =
-                            rest.chars().take_while(char::is_ascii_digit).collect();
-                        break digits.parse::<u16>().expect("port");
-                    }
+                    port = port.or(port_after(&line, "IMAP listening on 127.0.0.1:"));
+                    lmtp_port = lmtp_port.or(port_after(&line, "LMTP listening on 127.0.0.1:"));
                 }
                 _ => panic!(
                     "tern dev exited before listening; log:\n{}",
@@ -121,6 +132,7 @@ impl Dev {
         Dev {
             child,
             port,
+            lmtp_port,
             log: log.to_path_buf(),
         }
     }
@@ -172,6 +184,8 @@ async fn imaplib_against_the_tern_dev_binary_and_a_restart() {
     scenario(dev.port, "alice", "pw", "basic", &[]).await;
     scenario(dev.port, "alice", "pw", "idle", &[]).await;
     scenario(dev.port, "alice", "pw", "two-sessions", &[]).await;
+    let lmtp = dev.lmtp_port.to_string();
+    scenario(dev.port, "alice", "pw", "lmtp", &["--lmtp-port", &lmtp]).await;
     let wrong = tokio::process::Command::new("python3")
         .arg(script())
         .args([
@@ -192,6 +206,7 @@ async fn imaplib_against_the_tern_dev_binary_and_a_restart() {
     // Same data directory, new process: everything is still there.
     let dev = Dev::start(&bin, &data, &log);
     scenario(dev.port, "alice", "pw", "kept", &["--expect", "50"]).await;
+    scenario(dev.port, "alice", "pw", "lmtp-kept", &[]).await;
     dev.stop();
 }
 

@@ -196,7 +196,45 @@ def scenario_kept(args):
     m.logout()
 
 
+LMTP_SUBJECT = "Delivered over LMTP"
+
+
+def scenario_lmtp(args):
+    """Postfix's part played by smtplib.LMTP: one delivery, one reply per recipient, then
+    the message is in the user's INBOX over IMAP."""
+    import smtplib
+
+    lmtp = smtplib.LMTP("127.0.0.1", args.lmtp_port)
+    code, _ = lmtp.docmd("LHLO", "test.local")
+    check(code == 250, f"LHLO: {code}")
+    refused = lmtp.sendmail(
+        "sender@example.org",
+        [f"{args.user}@localhost"],
+        f"From: sender@example.org\r\nTo: {args.user}@localhost\r\n"
+        f"Subject: {LMTP_SUBJECT}\r\n\r\nHello through LMTP.\r\n",
+    )
+    check(refused == {}, f"delivery refused: {refused}")
+    try:
+        lmtp.sendmail("sender@example.org", ["nobody@localhost"], "Subject: x\r\n\r\nx\r\n")
+        check(False, "an unknown recipient must be refused")
+    except smtplib.SMTPRecipientsRefused as e:
+        code, _ = e.recipients["nobody@localhost"]
+        check(code == 550, f"unknown user: {e.recipients}")
+    lmtp.quit()
+    scenario_lmtp_kept(args)
+
+
+def scenario_lmtp_kept(args):
+    m = connect(args)
+    ok(m.select("INBOX", readonly=True), "EXAMINE INBOX")
+    found = uids_of(ok(m.uid("SEARCH", None, "SUBJECT", f'"{LMTP_SUBJECT}"'), "SEARCH"))
+    check(len(found) == 1, f"exactly one delivered copy expected, found UIDs {found}")
+    m.logout()
+
+
 SCENARIOS = {
+    "lmtp": scenario_lmtp,
+    "lmtp-kept": scenario_lmtp_kept,
     "basic": scenario_basic,
     "idle": scenario_idle,
     "two-sessions": scenario_two_sessions,
@@ -210,6 +248,7 @@ if __name__ == "__main__":
     p.add_argument("--user", required=True)
     p.add_argument("--password", required=True)
     p.add_argument("--expect", type=int, default=0)
+    p.add_argument("--lmtp-port", type=int, default=0)
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     args = p.parse_args()
     started = time.monotonic()

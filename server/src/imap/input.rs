@@ -145,6 +145,9 @@ impl Input {
                             }
                             return Some(Event::Fatal { tag, reason });
                         }
+                        // The literal's bytes are no part of a line: the next line starts
+                        // after them.
+                        self.line_start = end + literal.length as usize;
                         if literal.mode == LiteralMode::Sync {
                             return Some(Event::Continue);
                         }

@@ -33,6 +33,8 @@ mod store;
 mod structure;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_clients;
 
 use std::time::Duration;
 

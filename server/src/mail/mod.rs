@@ -1,6 +1,7 @@
 //! The mail model: what a mailbox looks like to a client, computed from its causal log.
 
 pub mod account;
+pub mod delivery;
 pub mod invariants;
 pub mod mailbox;
 pub mod mailbox_list;

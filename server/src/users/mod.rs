@@ -1,6 +1,7 @@
 //! The user directory: who can log in, which addresses reach them, their quota and their sealed
-//! keys. Behind a trait so another source (LDAP) can be added; the one source today is a YAML
-//! file, reloaded when it changes.
+//! keys; aliases (an address delivering to one or more users) and a catch-all user per domain.
+//! Behind a trait so another source (LDAP) can be added; the one source today is a YAML file,
+//! reloaded when it changes.
 
 mod yaml_file;
 
@@ -38,6 +39,16 @@ pub struct User {
     pub keys: UserSecrets,
 }
 
+/// An address that delivers to other users (a list, or a role address such as `postmaster@`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alias {
+    /// `local@domain`, matched case-insensitively.
+    pub address: String,
+    /// Login names of the users it delivers to.
+    pub to: Vec<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     #[error("users file {path}: {detail}")]
@@ -58,6 +69,17 @@ pub trait UserDirectory: Send + Sync + 'static {
     async fn user(&self, name: &str) -> Result<Option<Arc<User>>, DirectoryError>;
     /// By delivery address (already normalised by the caller: lower case, no `+tag`).
     async fn by_address(&self, address: &str) -> Result<Option<Arc<User>>, DirectoryError>;
+    /// Everyone an address delivers to: the user who has it, or the members of an alias; empty
+    /// when nobody has it. Same normalisation as `by_address`.
+    async fn recipients(&self, address: &str) -> Result<Vec<Arc<User>>, DirectoryError> {
+        Ok(self.by_address(address).await?.into_iter().collect())
+    }
+    /// The user who gets mail for the addresses of `domain` (lower case, no trailing dot) that
+    /// nobody has, if the domain has a catch-all.
+    async fn catch_all(&self, domain: &str) -> Result<Option<Arc<User>>, DirectoryError> {
+        let _ = domain;
+        Ok(None)
+    }
     async fn list(&self) -> Result<Vec<Arc<User>>, DirectoryError>;
     /// Adds a user, or replaces the one with the same name when `replace` (password change).
     async fn put(&self, user: User, replace: bool) -> Result<(), DirectoryError>;

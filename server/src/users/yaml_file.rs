@@ -1,6 +1,11 @@
 //! The users file (`users.yaml`): loaded at start, reloaded when its modification time or size
 //! changes (checked at most once per `RECHECK` on lookups), written atomically (temp + rename).
 //! A file that fails to parse on reload is logged and the last good version stays in service.
+//!
+//! Besides `users`, the file may hold `aliases` (an address delivering to users by login name)
+//! and `catch_all` (per domain, the login name of the user who gets mail for that domain's
+//! unknown addresses). Both are optional, so files written before they existed still load.
+//! Removing a user drops it from both.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -10,15 +15,20 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{DirectoryError, User, UserDirectory};
+use super::{Alias, DirectoryError, User, UserDirectory};
 
 const RECHECK: Duration = Duration::from_secs(1);
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Default, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UsersFile {
     #[serde(default)]
     users: Vec<User>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    aliases: Vec<Alias>,
+    /// Domain → login name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    catch_all: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -27,6 +37,20 @@ struct Snapshot {
     checked: Option<Instant>,
     by_name: BTreeMap<String, Arc<User>>,
     by_address: HashMap<String, Arc<User>>,
+    /// Alias address → its users.
+    aliases: HashMap<String, Vec<Arc<User>>>,
+    /// Domain → its catch-all user.
+    catch_all: HashMap<String, Arc<User>>,
+    /// The aliases and catch-alls as written, to write them back.
+    alias_defs: Vec<Alias>,
+    catch_all_defs: BTreeMap<String, String>,
+}
+
+/// A catch-all's domain as looked up: lower case, without a leading `@` or a trailing dot.
+fn domain_key(domain: &str) -> String {
+    let d = domain.trim();
+    let d = d.strip_prefix('@').unwrap_or(d);
+    d.strip_suffix('.').unwrap_or(d).to_lowercase()
 }
 
 pub struct YamlDirectory {
@@ -79,6 +103,63 @@ fn parse(path: &Path, text: &str) -> Result<Snapshot, DirectoryError> {
             }
         }
     }
+    for alias in &file.aliases {
+        let key = alias.address.trim().to_lowercase();
+        if !key.contains('@') {
+            return Err(file_err(
+                path,
+                format!("alias {:?} is not an address (local@domain)", alias.address),
+            ));
+        }
+        if let Some(owner) = snap.by_address.get(&key) {
+            return Err(DirectoryError::AddressTaken {
+                address: alias.address.clone(),
+                owner: owner.name.clone(),
+            });
+        }
+        if alias.to.is_empty() {
+            return Err(file_err(
+                path,
+                format!("alias {:?} delivers to nobody", alias.address),
+            ));
+        }
+        let mut members: Vec<Arc<User>> = Vec::with_capacity(alias.to.len());
+        for name in &alias.to {
+            let user = snap.by_name.get(name).ok_or_else(|| {
+                file_err(path, format!("alias {:?}: no user {name:?}", alias.address))
+            })?;
+            if !members.iter().any(|m| m.name == user.name) {
+                members.push(user.clone());
+            }
+        }
+        if snap.aliases.insert(key, members).is_some() {
+            return Err(file_err(
+                path,
+                format!("alias {:?} appears twice", alias.address),
+            ));
+        }
+    }
+    for (domain, name) in &file.catch_all {
+        let user = snap
+            .by_name
+            .get(name)
+            .ok_or_else(|| file_err(path, format!("catch-all of {domain:?}: no user {name:?}")))?;
+        let key = domain_key(domain);
+        if key.is_empty() || key.contains('@') {
+            return Err(file_err(
+                path,
+                format!("catch-all {domain:?} is not a domain"),
+            ));
+        }
+        if snap.catch_all.insert(key, user.clone()).is_some() {
+            return Err(file_err(
+                path,
+                format!("catch-all of {domain:?} appears twice"),
+            ));
+        }
+    }
+    snap.alias_defs = file.aliases;
+    snap.catch_all_defs = file.catch_all;
     Ok(snap)
 }
 
@@ -147,9 +228,8 @@ impl YamlDirectory {
         }
     }
 
-    async fn write_file(&self, users: Vec<User>) -> Result<(), DirectoryError> {
-        let text =
-            serde_yaml::to_string(&UsersFile { users }).map_err(|e| file_err(&self.path, e))?;
+    async fn write_file(&self, file: UsersFile) -> Result<(), DirectoryError> {
+        let text = serde_yaml::to_string(&file).map_err(|e| file_err(&self.path, e))?;
         // Validate what we are about to write with the same rules as a reload.
         parse(&self.path, &text)?;
         let tmp = self
@@ -175,7 +255,21 @@ impl YamlDirectory {
         let fresh = self.load().await?;
         let mut users: Vec<User> = fresh.by_name.values().map(|u| (**u).clone()).collect();
         f(&mut users)?;
-        self.write_file(users).await
+        // A removed user leaves the aliases and catch-alls that named it.
+        let exists = |name: &String| users.iter().any(|u| &u.name == name);
+        let mut aliases = fresh.alias_defs;
+        for alias in &mut aliases {
+            alias.to.retain(exists);
+        }
+        aliases.retain(|a| !a.to.is_empty());
+        let mut catch_all = fresh.catch_all_defs;
+        catch_all.retain(|_, name| exists(name));
+        self.write_file(UsersFile {
+            users,
+            aliases,
+            catch_all,
+        })
+        .await
     }
 }
 
@@ -192,6 +286,25 @@ impl UserDirectory for YamlDirectory {
             .read_snapshot()
             .by_address
             .get(&address.to_lowercase())
+            .cloned())
+    }
+
+    async fn recipients(&self, address: &str) -> Result<Vec<Arc<User>>, DirectoryError> {
+        self.refresh().await;
+        let key = address.to_lowercase();
+        let snap = self.read_snapshot();
+        if let Some(user) = snap.by_address.get(&key) {
+            return Ok(vec![user.clone()]);
+        }
+        Ok(snap.aliases.get(&key).cloned().unwrap_or_default())
+    }
+
+    async fn catch_all(&self, domain: &str) -> Result<Option<Arc<User>>, DirectoryError> {
+        self.refresh().await;
+        Ok(self
+            .read_snapshot()
+            .catch_all
+            .get(&domain_key(domain))
             .cloned())
     }
 
@@ -283,6 +396,82 @@ mod tests {
         match YamlDirectory::open(&path).await {
             Err(DirectoryError::File { path: p, .. }) => assert!(p.ends_with("users.yaml")),
             other => panic!("a broken file must not open: {:?}", other.err()),
+        }
+    }
+
+    #[tokio::test]
+    async fn aliases_and_catch_alls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.yaml");
+        let d = YamlDirectory::open(&path).await.unwrap();
+        d.put(user("alice", "alice@example.org"), false)
+            .await
+            .unwrap();
+        d.put(user("bob", "bob@example.org"), false).await.unwrap();
+        // A file without aliases (as written before they existed) has none.
+        assert!(d.recipients("team@example.org").await.unwrap().is_empty());
+        assert!(d.catch_all("example.org").await.unwrap().is_none());
+
+        let mut text = tokio::fs::read_to_string(&path).await.unwrap();
+        assert!(
+            !text.contains("aliases") && !text.contains("catch_all"),
+            "{text}"
+        );
+        text.push_str(
+            "aliases:\n- address: Team@Example.org\n  to: [alice, bob, alice]\n\
+             catch_all:\n  '@Example.ORG.': bob\n",
+        );
+        tokio::fs::write(&path, &text).await.unwrap();
+        let d = YamlDirectory::open(&path).await.unwrap();
+        let names =
+            |users: Vec<Arc<User>>| users.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(d.recipients("team@example.org").await.unwrap()),
+            ["alice", "bob"]
+        );
+        assert_eq!(
+            names(d.recipients("ALICE@example.org").await.unwrap()),
+            ["alice"]
+        );
+        assert!(d.recipients("carol@example.org").await.unwrap().is_empty());
+        assert_eq!(
+            d.catch_all("example.org").await.unwrap().unwrap().name,
+            "bob"
+        );
+        assert!(d.catch_all("example.net").await.unwrap().is_none());
+
+        // Writing the file keeps them; removing a user takes it out of both.
+        d.put(user("carol", "carol@example.org"), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            names(d.recipients("team@example.org").await.unwrap()),
+            ["alice", "bob"]
+        );
+        d.remove("bob").await.unwrap();
+        assert_eq!(
+            names(d.recipients("team@example.org").await.unwrap()),
+            ["alice"]
+        );
+        assert!(d.catch_all("example.org").await.unwrap().is_none());
+        d.remove("alice").await.unwrap();
+        assert!(d.recipients("team@example.org").await.unwrap().is_empty());
+
+        // What a file may not say.
+        for bad in [
+            "aliases:\n- address: carol@example.org\n  to: [carol]\n",
+            "aliases:\n- address: x@example.org\n  to: [nobody]\n",
+            "aliases:\n- address: x@example.org\n  to: []\n",
+            "aliases:\n- address: no-domain\n  to: [carol]\n",
+            "catch_all:\n  example.org: nobody\n",
+        ] {
+            let text = format!("{}{bad}", tokio::fs::read_to_string(&path).await.unwrap());
+            let other = dir.path().join("bad.yaml");
+            tokio::fs::write(&other, text).await.unwrap();
+            assert!(
+                YamlDirectory::open(&other).await.is_err(),
+                "accepted: {bad}"
+            );
         }
     }
 }
