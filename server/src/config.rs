@@ -18,10 +18,10 @@ use crate::storage::StorageConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}{message}", location.map(|(l, c)| format!("line {l} column {c}: ")).unwrap_or_default())]
     Syntax {
@@ -273,9 +273,9 @@ impl Config {
     pub async fn read(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = tokio::fs::read_to_string(path)
             .await
-            .map_err(|source| ConfigError::Read {
+            .map_err(|error| ConfigError::Read {
                 path: path.to_path_buf(),
-                source,
+                error,
             })?;
         Config::from_yaml(&text)
     }
@@ -304,7 +304,7 @@ impl Config {
                     "implicit TLS needs the `tls` section (cert and key)",
                 );
             }
-            if imap.listen[..i].iter().any(|o| o.addr == l.addr) {
+            if l.addr.port() != 0 && imap.listen[..i].iter().any(|o| o.addr == l.addr) {
                 add(
                     &format!("imap.listen[{i}].addr"),
                     &format!("{} is listed twice", l.addr),
@@ -353,7 +353,7 @@ impl Config {
         }
         let lmtp = &self.lmtp;
         if lmtp.enabled {
-            if imap.listen.iter().any(|l| l.addr == lmtp.listen) {
+            if lmtp.listen.port() != 0 && imap.listen.iter().any(|l| l.addr == lmtp.listen) {
                 add("lmtp.listen", "is also an IMAP listener");
             }
             for (name, v) in [

@@ -439,3 +439,126 @@ async fn connection_limits_answer_with_a_reason() {
     send(&mut d, "e LOGIN bob pw\r\n").await;
     assert!(until(&mut d, "e").await.contains("e OK"));
 }
+
+/// `tern check-config` and `tern serve --config` as an operator runs them: the binary, a
+/// tern.yaml with TLS on the local store, imaplib over STARTTLS, implicit TLS and SCRAM, and
+/// SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tern_serve_runs_from_a_config_file() {
+    use std::io::BufRead;
+    let env = env().await;
+    let (files, _) = certificate(env.dir.path(), "server");
+    let config = env.dir.path().join("tern.yaml");
+    let yaml = format!(
+        "storage: {{backend: local, path: '{store}'}}\n\
+         users: {{file: '{users}'}}\n\
+         tls: {{cert: '{cert}', key: '{key}'}}\n\
+         imap:\n  listen:\n    - {{addr: '127.0.0.1:0', tls: starttls}}\n    - {{addr: '127.0.0.1:0', tls: implicit}}\n\
+         lmtp: {{listen: '127.0.0.1:0'}}\n",
+        store = env.dir.path().join("store2").display(),
+        users = env.dir.path().join("users.yaml").display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let bin = env!("CARGO_BIN_EXE_tern");
+
+    let check = std::process::Command::new(bin)
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && said.contains(": OK"),
+        "{said}\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let broken = env.dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "storage: {backend: local, path: /x}\nusers: {file: /u}\nimap:\n  listen:\n    - {addr: '127.0.0.1:0', tls: implicit}\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(bin)
+        .arg("check-config")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success() && said.contains("imap.listen[0].tls: implicit TLS needs"),
+        "{said}"
+    );
+
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut plain, mut implicit) = (None, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while plain.is_none() || implicit.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("tern serve logged its listeners");
+        say(&line);
+        if line.contains("IMAP listening") {
+            let addr: SocketAddr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            if line.contains("Implicit") {
+                implicit = Some(addr);
+            } else {
+                plain = Some(addr);
+            }
+        }
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/imap_tls.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args(["--plain-port", &plain.unwrap().port().to_string()])
+        .args(["--tls-port", &implicit.unwrap().port().to_string()])
+        .arg("--ca")
+        .arg(&files.cert)
+        .args(["--user", "bob", "--password", "pw"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imap_tls.py against tern serve failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "tern serve exited with {status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

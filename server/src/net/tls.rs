@@ -16,10 +16,10 @@ use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: no PEM certificate found")]
     NoCertificate { path: PathBuf },
@@ -59,9 +59,9 @@ impl std::fmt::Debug for TlsProvider {
 async fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
     tokio::fs::read(path)
         .await
-        .map_err(|source| TlsError::Read {
+        .map_err(|error| TlsError::Read {
             path: path.clone(),
-            source,
+            error,
         })
 }
 
