@@ -57,12 +57,10 @@ impl std::fmt::Debug for TlsProvider {
 }
 
 async fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|error| TlsError::Read {
-            path: path.clone(),
-            error,
-        })
+    tokio::fs::read(path).await.map_err(|error| TlsError::Read {
+        path: path.clone(),
+        error,
+    })
 }
 
 fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
