@@ -54,6 +54,7 @@ pub fn capabilities(offer: Offer) -> Vec1<Capability<'static>> {
             Capability::Move,
             Capability::Unselect,
             Capability::CondStore,
+            Capability::QResync,
             Capability::StatusSize,
         ]);
         caps.extend(other("SPECIAL-USE"));

@@ -19,6 +19,7 @@ use imap_codec::imap_types::sequence::SequenceSet;
 use super::flags;
 use super::output::Out;
 use super::selected::nz32;
+use super::sequence::Ranges;
 use super::session::{Failure, Reply, Session, bad, done};
 use super::structure;
 use crate::mail::account::Account;
@@ -208,12 +209,29 @@ impl Session {
             }
         };
         let mut changed_since = None;
+        let mut vanished = false;
         for m in modifiers {
             match m {
                 FetchModifier::ChangedSince(v) => changed_since = Some(v.get()),
-                FetchModifier::Vanished => {
-                    return Err(bad("VANISHED needs QRESYNC, which is not supported yet"));
-                }
+                FetchModifier::Vanished => vanished = true,
+            }
+        }
+        if vanished {
+            // RFC 7162 §3.2.6: UID FETCH only, with CHANGEDSINCE, after ENABLE QRESYNC.
+            let Some(since) = changed_since.filter(|_| uid && self.enabled.qresync) else {
+                return Err(bad(
+                    "VANISHED needs UID FETCH, CHANGEDSINCE and ENABLE QRESYNC",
+                ));
+            };
+            let selected = self.selected_mut()?;
+            let known = selected.known();
+            let within = Ranges::resolve(set, known.uid_next.saturating_sub(1));
+            let gone = super::selected::vanished_since(known, since, Some(&within));
+            if let Some(known_uids) = gone.to_sequence_set() {
+                out.data(Data::Vanished {
+                    earlier: true,
+                    known_uids,
+                });
             }
         }
         if names.iter().any(|n| {

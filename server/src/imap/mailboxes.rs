@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::num::{NonZeroU32, NonZeroU64};
 
 use imap_codec::imap_types::command::SelectParameter;
-use imap_codec::imap_types::core::{Atom, QuotedChar};
+use imap_codec::imap_types::core::{Atom, QuotedChar, Vec1};
+use imap_codec::imap_types::fetch::MessageDataItem;
 use imap_codec::imap_types::flag::FlagNameAttribute;
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox as ImapMailbox};
 use imap_codec::imap_types::response::{Code, Data, StatusKind};
@@ -15,6 +16,8 @@ use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
 use super::flags;
 use super::output::{Out, code};
 use super::selected::Selected;
+use super::selected::{nz32, vanished_since};
+use super::sequence::Ranges;
 use super::session::{Failure, Reply, Session, bad, done, done_with, mailbox_name, no_code};
 use crate::mail::mailbox_list::{DELIMITER, MailboxInfo};
 use crate::mail::view::MailOp;
@@ -115,11 +118,24 @@ impl Session {
     ) -> Result<Reply, Failure> {
         // A SELECT that fails leaves no mailbox selected (RFC 9051 §6.3.2).
         self.selected = None;
+        let mut qresync = None;
         for p in parameters {
             match p {
                 SelectParameter::CondStore => self.enabled.condstore = true,
-                SelectParameter::QResync { .. } => {
-                    return Err(bad("QRESYNC is not supported yet"));
+                SelectParameter::QResync {
+                    uid_validity,
+                    mod_sequence_value,
+                    known_uids,
+                    ..
+                } => {
+                    if !self.enabled.qresync {
+                        return Err(bad("the QRESYNC parameter needs ENABLE QRESYNC first"));
+                    }
+                    qresync = Some((
+                        uid_validity.get(),
+                        mod_sequence_value.get(),
+                        known_uids.clone(),
+                    ));
                 }
             }
         }
@@ -175,6 +191,37 @@ impl Session {
             Some(m) => out.untagged(StatusKind::Ok, Some(Code::HighestModSeq(m)), "highest"),
             // No change ever: a MODSEQ of 1 would hide the first change (it gets MODSEQ 1).
             None => out.untagged(StatusKind::Ok, Some(Code::NoModSeq), "no changes yet"),
+        }
+        // QRESYNC (RFC 7162 §3.2.5): what changed since the client's MODSEQ, when its
+        // UIDVALIDITY still holds: UIDs gone (expunged, or retired by the log's renumbering of
+        // concurrent appends; docs/causal-log.md) as VANISHED (EARLIER), then the flags of
+        // messages changed since.
+        if let Some((validity, since, known)) = qresync
+            && validity == selected.info.uid_validity
+        {
+            let within = known.map(|k| Ranges::resolve(&k, state.uid_next.saturating_sub(1)));
+            let gone = vanished_since(state, since, within.as_ref());
+            if let Some(known_uids) = gone.to_sequence_set() {
+                out.data(Data::Vanished {
+                    earlier: true,
+                    known_uids,
+                });
+            }
+            for (i, uid) in selected.uids().iter().enumerate() {
+                let Some(m) = state.messages.get(uid).filter(|m| m.modseq > since) else {
+                    continue;
+                };
+                let mut items = vec![
+                    MessageDataItem::Uid(nz32(*uid)),
+                    MessageDataItem::Flags(flags::fetch_list(&m.flags)),
+                ];
+                items.extend(NonZeroU64::new(m.modseq).map(MessageDataItem::ModSeq));
+                if let (Some(seq), Ok(items)) =
+                    (NonZeroU32::new(i as u32 + 1), Vec1::try_from(items))
+                {
+                    out.data(Data::Fetch { seq, items });
+                }
+            }
         }
         self.selected = Some(Box::new(selected));
         if read_only {

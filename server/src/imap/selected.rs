@@ -36,6 +36,8 @@ pub struct Report {
     pub expunge: bool,
     /// CONDSTORE is on: flag updates carry MODSEQ.
     pub condstore: bool,
+    /// QRESYNC is on: expunges are reported as `VANISHED` UIDs, not sequence numbers.
+    pub qresync: bool,
 }
 
 pub struct Selected {
@@ -228,7 +230,19 @@ impl Selected {
         } else {
             Vec::new()
         };
-        if report.expunge {
+        if report.expunge && report.qresync {
+            let uids = Ranges::from_numbers(gone.iter().map(|&i| self.uids[i]));
+            if let Some(known_uids) = uids.to_sequence_set() {
+                out.data(Data::Vanished {
+                    earlier: false,
+                    known_uids,
+                });
+            }
+            for &i in gone.iter().rev() {
+                self.uids.remove(i);
+            }
+            self.deferred = false;
+        } else if report.expunge {
             for &i in gone.iter().rev() {
                 if let Some(seq) = NonZeroU32::new(i as u32 + 1) {
                     out.data(Data::Expunge(seq));
@@ -298,4 +312,20 @@ pub fn nz32(n: u64) -> NonZeroU32 {
         .ok()
         .and_then(NonZeroU32::new)
         .unwrap_or(NonZeroU32::MAX)
+}
+
+/// UIDs that vanished (expunged, or retired by the log's renumbering) at a MODSEQ above
+/// `modseq`, limited to `within` (QRESYNC's `VANISHED (EARLIER)`).
+pub fn vanished_since(state: &MailboxState, modseq: u64, within: Option<&Ranges>) -> Ranges {
+    let all = Ranges::from_ranges(
+        state
+            .vanished
+            .iter()
+            .filter(|v| v.modseq > modseq)
+            .map(|v| (v.first, v.last)),
+    );
+    match within {
+        Some(w) => all.intersect(w),
+        None => all,
+    }
 }

@@ -42,6 +42,28 @@ impl Ranges {
         Ranges(merged)
     }
 
+    /// From inclusive ranges in any order, overlapping or not.
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (u64, u64)>) -> Ranges {
+        let mut v: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .map(|(a, b)| (a.min(b), a.max(b)))
+            .collect();
+        Ranges::from_unsorted(&mut v)
+    }
+
+    /// The numbers in both sets.
+    pub fn intersect(&self, other: &Ranges) -> Ranges {
+        let (mut i, mut j, mut out) = (0, 0, Vec::new());
+        while let (Some(&(a, b)), Some(&(c, d))) = (self.0.get(i), other.0.get(j)) {
+            let (lo, hi) = (a.max(c), b.min(d));
+            if lo <= hi {
+                out.push((lo, hi));
+            }
+            if b < d { i += 1 } else { j += 1 }
+        }
+        Ranges(out)
+    }
+
     /// From sorted or unsorted single numbers (for response codes like COPYUID).
     pub fn from_numbers(numbers: impl IntoIterator<Item = u64>) -> Ranges {
         let mut ranges: Vec<(u64, u64)> = numbers.into_iter().map(|n| (n, n)).collect();

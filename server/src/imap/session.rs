@@ -188,6 +188,8 @@ impl From<AccountError> for Failure {
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Enabled {
     pub condstore: bool,
+    /// QRESYNC (RFC 7162): implies CONDSTORE; expunges are sent as VANISHED.
+    pub qresync: bool,
 }
 
 enum Pending {
@@ -317,6 +319,7 @@ impl Session {
     /// Reports the changes of the selected mailbox since the last report.
     pub(super) async fn report(&mut self, expunge: bool, out: &mut Out) -> Result<(), Failure> {
         let condstore = self.enabled.condstore;
+        let qresync = self.enabled.qresync;
         let Some(selected) = self.selected.as_deref_mut() else {
             return Ok(());
         };
@@ -327,7 +330,11 @@ impl Session {
         let state = selected.mailbox.state().await?;
         selected.update(
             Arc::unwrap_or_clone(state),
-            Report { expunge, condstore },
+            Report {
+                expunge,
+                condstore,
+                qresync,
+            },
             out,
         );
         Ok(())
@@ -534,6 +541,13 @@ impl Session {
                         if !self.enabled.condstore {
                             enabled.push(CapabilityEnable::CondStore);
                         }
+                        self.enabled.condstore = true;
+                    } else if c.to_string().eq_ignore_ascii_case("QRESYNC") {
+                        if !self.enabled.qresync {
+                            enabled
+                                .push(imap_codec::imap_types::IntoStatic::into_static(c.clone()));
+                        }
+                        self.enabled.qresync = true;
                         self.enabled.condstore = true;
                     }
                 }

@@ -782,3 +782,72 @@ async fn many_messages_and_big_sets_stay_cheap() {
     );
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+fn code_value(r: &str, name: &str) -> u64 {
+    let at = r.find(&format!("[{name} ")).expect(name) + name.len() + 2;
+    r[at..].split(']').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn qresync_reports_vanished_uids_and_changed_flags() {
+    let env = env().await;
+    let mut a = Client::login(&env).await;
+    for i in 0..6 {
+        a.append("INBOX", "()", &message(&format!("q{i}"), "x"))
+            .await;
+    }
+    let r = a.ok("a1 SELECT INBOX").await;
+    let (v, m) = (
+        code_value(&r, "UIDVALIDITY"),
+        code_value(&r, "HIGHESTMODSEQ"),
+    );
+    a.ok("a2 STORE 2 +FLAGS (\\Flagged)").await;
+    a.ok("a3 STORE 3,5 +FLAGS.SILENT (\\Deleted)").await;
+    a.ok("a4 EXPUNGE").await;
+
+    let mut b = Client::login(&env).await;
+    let r = b.cmd(&format!("b0 SELECT INBOX (QRESYNC ({v} {m}))")).await;
+    assert!(r.starts_with("b0 BAD"), "needs ENABLE first: {r}");
+    let r = b.ok("b1 ENABLE QRESYNC").await;
+    assert!(r.contains("* ENABLED QRESYNC"), "{r}");
+    let r = b.ok(&format!("b2 SELECT INBOX (QRESYNC ({v} {m}))")).await;
+    assert!(r.contains("* VANISHED (EARLIER) 3,5\r\n"), "{r}");
+    assert!(
+        r.contains("* 2 FETCH (UID 2 FLAGS (\\Flagged) MODSEQ ("),
+        "{r}"
+    );
+    assert!(!r.contains("UID 1 FLAGS") && !r.contains("EXPUNGE"), "{r}");
+    // Known UIDs bound the VANISHED set.
+    let r = b
+        .ok(&format!("b3 SELECT INBOX (QRESYNC ({v} {m} 1:4))"))
+        .await;
+    assert!(r.contains("* VANISHED (EARLIER) 3\r\n"), "{r}");
+    // Another UIDVALIDITY: the client's cache is void, nothing incremental is sent.
+    let r = b
+        .ok(&format!("b4 SELECT INBOX (QRESYNC ({} {m}))", v + 1))
+        .await;
+    assert!(!r.contains("VANISHED") && !r.contains("FETCH"), "{r}");
+
+    // Live expunges reach a QRESYNC client as UIDs.
+    a.ok("a5 STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    a.ok("a6 EXPUNGE").await;
+    let r = b.ok("b5 NOOP").await;
+    assert!(
+        r.contains("* VANISHED 1\r\n") && !r.contains("EXPUNGE"),
+        "{r}"
+    );
+    let r = b
+        .ok(&format!(
+            "b6 UID FETCH 1:* (FLAGS) (CHANGEDSINCE {m} VANISHED)"
+        ))
+        .await;
+    assert!(r.contains("* VANISHED (EARLIER) 1,3,5\r\n"), "{r}");
+    assert!(r.contains("FETCH (UID 2 FLAGS (\\Flagged) MODSEQ"), "{r}");
+    let r = b.cmd("b7 UID FETCH 1:* (FLAGS) (VANISHED)").await;
+    assert!(
+        r.starts_with("b7 BAD"),
+        "VANISHED without CHANGEDSINCE: {r}"
+    );
+    let r = b.ok("b8 CAPABILITY").await;
+    assert!(r.contains("QRESYNC"), "{r}");
+}
