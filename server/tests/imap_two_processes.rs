@@ -1,0 +1,141 @@
+//! Two `tern serve` processes over one Garage: what one writes, an IDLE session on the other
+//! sees (APPEND, STORE, EXPUNGE) within one watcher round. Each process has its own writer ids,
+//! watchers and caches; only Garage connects them.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_server::config::{Config, ImapSection, ListenTls, Listener, LmtpSection, UsersConfig};
+use tern_server::crypto::{Argon2Params, UserSecrets};
+use tern_server::storage::StorageConfig;
+use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
+use tern_tests::garage::Garage;
+
+fn say(message: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "[imap_two_processes] {message}");
+}
+
+struct Server {
+    child: Child,
+    imap: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(config: &Path, name: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tern serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            say(&format!("{name}: {line}"));
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("tern serve logs its IMAP listener");
+        if line.contains("IMAP listening")
+            && let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+        {
+            return Server {
+                child,
+                imap: addr.parse().expect("listener address"),
+            };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_on_one_server_sees_writes_made_through_another() {
+    let garage = Garage::single().await.expect("garage");
+    let dir = tempfile::tempdir().unwrap();
+    let users_file = dir.path().join("users.yaml");
+    let users = YamlDirectory::open(&users_file).await.unwrap();
+    let cheap = Argon2Params {
+        memory_kib: 256,
+        iterations: 1,
+        parallelism: 1,
+    };
+    let (keys, _, _) = UserSecrets::create("pw", cheap, false).unwrap();
+    users
+        .put(
+            User {
+                name: "bob".into(),
+                id: UserId::generate(),
+                addresses: vec!["bob@example.org".into()],
+                quota_bytes: None,
+                keys,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    drop(Arc::new(users));
+
+    // The file is written from the server's own config types.
+    let config = Config {
+        storage: StorageConfig::Garage(garage.storage_config()),
+        users: UsersConfig { file: users_file },
+        tls: None,
+        imap: ImapSection {
+            listen: vec![Listener {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                tls: ListenTls::Starttls,
+            }],
+            allow_plaintext: true,
+            ..ImapSection::default()
+        },
+        lmtp: LmtpSection {
+            enabled: false,
+            ..LmtpSection::default()
+        },
+    };
+    let path = dir.path().join("tern.yaml");
+    std::fs::write(&path, config.to_yaml().unwrap()).unwrap();
+    let a = serve(&path, "A");
+    let b = serve(&path, "B");
+
+    let script: PathBuf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/imap_two_servers.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args(["--port-a", &a.imap.port().to_string()])
+        .args(["--port-b", &b.imap.port().to_string()])
+        .args(["--user", "bob", "--password", "pw"])
+        .output()
+        .await
+        .expect("python3 (tests/run installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "two servers over one Garage:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    say(stdout.trim());
+}
