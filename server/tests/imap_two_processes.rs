@@ -32,7 +32,7 @@ impl Drop for Server {
 }
 
 fn serve(config: &Path, name: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
@@ -40,7 +40,12 @@ fn serve(config: &Path, name: &str) -> Server {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting tern serve");
-    let stderr = child.stderr.take().expect("stderr");
+    // Owned by the guard from here on: killed and reaped on every path.
+    let mut server = Server {
+        child,
+        imap: SocketAddr::from(([0, 0, 0, 0], 0)),
+    };
+    let stderr = server.child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let name = name.to_string();
     std::thread::spawn(move || {
@@ -63,10 +68,8 @@ fn serve(config: &Path, name: &str) -> Server {
                 .nth(1)
                 .and_then(|r| r.split_whitespace().next())
         {
-            return Server {
-                child,
-                imap: addr.parse().expect("listener address"),
-            };
+            server.imap = addr.parse().expect("listener address");
+            return server;
         }
     }
 }
