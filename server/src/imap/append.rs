@@ -54,6 +54,7 @@ impl Session {
         };
         let internal_date = date.map(structure::from_imap_date).unwrap_or_else(now);
         let id = new_message_id();
+        self.check_quota(data.len() as u64).await?;
         let data = Bytes::from(data.into_owned());
         let body: crate::storage::ByteStream =
             Box::pin(futures::stream::once(async move { Ok(data) }));

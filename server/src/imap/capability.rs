@@ -57,6 +57,8 @@ pub fn capabilities(offer: Offer) -> Vec1<Capability<'static>> {
             Capability::QResync,
             Capability::StatusSize,
         ]);
+        caps.push(Capability::Quota);
+        caps.extend(other("QUOTA=RES-STORAGE"));
         caps.extend(other("SPECIAL-USE"));
         caps.extend(other("CHILDREN"));
         caps.extend(other(&format!("APPENDLIMIT={max_literal}")));

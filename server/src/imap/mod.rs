@@ -24,6 +24,7 @@ mod flags;
 pub mod input;
 mod mailboxes;
 pub mod output;
+mod quota;
 mod search;
 mod selected;
 pub mod sequence;

@@ -87,6 +87,12 @@ impl Out {
         self.encode(&Response::Data(data));
     }
 
+    pub fn data_opt(&mut self, data: Option<Data<'_>>) {
+        if let Some(data) = data {
+            self.data(data);
+        }
+    }
+
     pub fn tagged(
         &mut self,
         tag: Tag<'_>,

@@ -556,6 +556,12 @@ impl Session {
                 });
                 done("ENABLE completed")
             }
+            C::GetQuotaRoot { mailbox } => self.get_quota_root(&mailbox, out).await,
+            C::GetQuota { root } => self.get_quota(&root, out).await,
+            C::SetQuota { .. } => Err(no_code(
+                code("NOPERM"),
+                "quotas are set by the administrator",
+            )),
             C::Namespace => {
                 let personal = vec![Namespace::new(
                     IString::try_from("").map_err(|_| no("namespace"))?,

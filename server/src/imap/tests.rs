@@ -851,3 +851,51 @@ async fn qresync_reports_vanished_uids_and_changed_flags() {
     let r = b.ok("b8 CAPABILITY").await;
     assert!(r.contains("QRESYNC"), "{r}");
 }
+
+#[tokio::test]
+async fn quota_roots_usage_and_over_quota_appends() {
+    let env = env().await;
+    let mut c = Client::login(&env).await;
+    let r = c.ok("q1 GETQUOTAROOT INBOX").await;
+    assert!(
+        r.starts_with("* QUOTAROOT INBOX\r\n"),
+        "no limit, no root: {r}"
+    );
+    let r = c.cmd("q2 GETQUOTA \"\"").await;
+    assert!(r.starts_with("q2 NO [NONEXISTENT]"), "{r}");
+    c.ok("q3 LOGOUT").await;
+
+    // The administrator sets a 6 KiB limit.
+    let mut user = (*env
+        .accounts
+        .directory()
+        .user("alice")
+        .await
+        .unwrap()
+        .unwrap())
+    .clone();
+    user.quota_bytes = Some(6 * 1024);
+    env.accounts.directory().put(user, true).await.unwrap();
+    let mut c = Client::login(&env).await;
+    let r = c.ok("q4 CAPABILITY").await;
+    assert!(
+        r.contains(" QUOTA ") && r.contains("QUOTA=RES-STORAGE"),
+        "{r}"
+    );
+    c.append("INBOX", "()", &message("small", &"x".repeat(1000)))
+        .await;
+    let r = c.ok("q5 GETQUOTAROOT INBOX").await;
+    assert!(r.contains("* QUOTAROOT INBOX \"\"\r\n"), "{r}");
+    assert!(r.contains("* QUOTA \"\" (STORAGE 2 6)"), "{r}");
+    let r = c.ok("q6 GETQUOTA \"\"").await;
+    assert!(r.contains("* QUOTA \"\" (STORAGE 2 6)"), "{r}");
+    let big = message("big", &"y".repeat(5000));
+    let r = c
+        .raw(format!("q7 APPEND INBOX {{{}+}}\r\n{big}\r\n", big.len()).as_bytes())
+        .await;
+    assert!(r.starts_with("q7 NO [OVERQUOTA]"), "{r}");
+    let r = c.cmd("q8 SETQUOTA \"\" (STORAGE 100)").await;
+    assert!(r.starts_with("q8 NO [NOPERM]"), "{r}");
+    let r = c.cmd("q9 GETQUOTAROOT Nope").await;
+    assert!(r.starts_with("q9 NO [NONEXISTENT]"), "{r}");
+}
