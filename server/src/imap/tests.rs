@@ -899,3 +899,43 @@ async fn quota_roots_usage_and_over_quota_appends() {
     let r = c.cmd("q9 GETQUOTAROOT Nope").await;
     assert!(r.starts_with("q9 NO [NONEXISTENT]"), "{r}");
 }
+
+#[tokio::test]
+async fn the_server_sweeps_the_bodies_of_a_deleted_mailbox() {
+    let env = env().await;
+    env.accounts.set_sweep(Some((
+        Duration::from_millis(50),
+        crate::mail::sweep::SweepConfig {
+            grace: Duration::ZERO,
+            ..Default::default()
+        },
+    )));
+    let bodies = format!("m/{}/", env.user_id.0);
+    let count = || async {
+        env.store
+            .blobs
+            .list(&bodies, None)
+            .await
+            .unwrap()
+            .blobs
+            .len()
+    };
+    let mut c = Client::login(&env).await;
+    c.ok("s1 CREATE Doomed").await;
+    c.append("Doomed", "()", &message("doomed", "bye")).await;
+    c.append("INBOX", "()", &message("kept", "stay")).await;
+    assert_eq!(count().await, 2);
+    c.ok("s2 DELETE Doomed").await;
+    // Two passes, no grace: the body only the deleted mailbox referenced goes; INBOX's stays.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count().await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted mailbox's body is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.ok("s3 SELECT INBOX").await;
+    let r = c.ok("s4 FETCH 1 BODY[TEXT]").await;
+    assert!(r.contains("stay"), "{r}");
+}

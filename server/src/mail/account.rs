@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use age::x25519;
 use sha2::{Digest, Sha256};
@@ -22,6 +23,7 @@ use super::mailbox::{Mailbox, MailboxError, MailboxKeys};
 use super::mailbox_list::{ListError, MailboxId, MailboxList};
 use super::message::{MessageError, MessageStore};
 use super::summary::SummaryRecord;
+use super::sweep::{SweepConfig, Sweeper};
 use super::view::MessageId;
 use crate::crypto::CryptoError;
 use crate::log::store::LogStore;
@@ -52,7 +54,14 @@ pub struct Accounts {
     open: Mutex<HashMap<UserId, Weak<Account>>>,
     /// Salt of the in-memory password checks; never leaves the process.
     salt: [u8; 32],
+    /// The blob sweep of each unlocked account (it needs the key): how often, and with what
+    /// grace. `None`: never (tests that count blobs).
+    sweep: Mutex<Option<(Duration, SweepConfig)>>,
 }
+
+/// How often an unlocked account's blobs are swept by default (`mail/sweep.rs`: two passes a
+/// grace apart remove what no mailbox references, e.g. after DELETE).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(6 * 3600);
 
 impl Accounts {
     pub fn new(store: Store, directory: Arc<dyn UserDirectory>) -> Arc<Accounts> {
@@ -61,7 +70,13 @@ impl Accounts {
             directory,
             open: Mutex::new(HashMap::new()),
             salt: rand::random(),
+            sweep: Mutex::new(Some((SWEEP_EVERY, SweepConfig::default()))),
         })
+    }
+
+    /// Sets the sweep schedule of accounts unlocked from now on (`None`: no sweep).
+    pub fn set_sweep(&self, schedule: Option<(Duration, SweepConfig)>) {
+        *self.sweep.lock().unwrap_or_else(|p| p.into_inner()) = schedule;
     }
 
     pub fn directory(&self) -> &Arc<dyn UserDirectory> {
@@ -170,7 +185,41 @@ impl Accounts {
             return Ok(existing);
         }
         open.insert(account.user.id.clone(), Arc::downgrade(&account));
+        drop(open);
+        let schedule = self.sweep.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((every, config)) = schedule {
+            Self::spawn_sweep(&self.store, &account, every, config);
+        }
         Ok(account)
+    }
+
+    /// Sweeps the account's blobs every `every` (the first pass after a random part of it, so that
+    /// a fleet restarting at once does not sweep at once) while the account stays unlocked in this
+    /// process. Passes of several processes are serialised by the sweep's own lease.
+    fn spawn_sweep(store: &Store, account: &Arc<Account>, every: Duration, config: SweepConfig) {
+        let sweeper = match Sweeper::new(store, account.user.id.clone(), account.identity.clone()) {
+            Ok(s) => s.with_config(config),
+            Err(e) => {
+                tracing::warn!(user = %account.user.name, error = %e, "no blob sweep");
+                return;
+            }
+        };
+        let weak = Arc::downgrade(account);
+        let name = account.user.name.clone();
+        tokio::spawn(async move {
+            let first = every.mul_f64(rand::random::<f64>());
+            tokio::time::sleep(first).await;
+            loop {
+                if weak.strong_count() == 0 {
+                    return;
+                }
+                match sweeper.run_once().await {
+                    Ok(stats) => tracing::info!(user = %name, ?stats, "blob sweep"),
+                    Err(e) => tracing::warn!(user = %name, error = %e, "blob sweep failed"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
     }
 
     /// The handle this process's sessions hold on one of `user`'s mailboxes, if any session
