@@ -12,4 +12,6 @@ pub mod log;
 pub mod mail;
 pub mod net;
 pub mod storage;
+#[doc(hidden)]
+pub mod testing;
 pub mod users;

@@ -11,11 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_server::crypto::{Argon2Params, UserSecrets};
 use tern_server::imap::{ImapConfig, ImapServer};
 use tern_server::mail::account::Accounts;
-use tern_server::storage::{StorageConfig, Store};
-use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
+use tern_server::testing;
 
 fn say(message: &str) {
     // Straight to the stderr handle: libtest does not capture it, so CI logs show it.
@@ -214,31 +212,9 @@ async fn imaplib_against_the_tern_dev_binary_and_a_restart() {
 async fn imaplib_against_the_in_process_server_on_the_local_store() {
     require_python();
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StorageConfig::Local {
-        path: dir.path().join("store"),
-    })
-    .await
-    .unwrap();
-    let users = YamlDirectory::open(dir.path().join("users.yaml"))
-        .await
-        .unwrap();
-    let cheap = Argon2Params {
-        memory_kib: 256,
-        iterations: 1,
-        parallelism: 1,
-    };
-    let (keys, _, _) = UserSecrets::create("pw", cheap, false).unwrap();
-    users
-        .put(
-            User {
-                name: "bob".into(),
-                id: UserId::generate(),
-                addresses: vec!["bob@localhost".into()],
-                quota_bytes: None,
-                keys,
-            },
-            false,
-        )
+    let store = testing::local_store(dir.path()).await.unwrap();
+    let bob = testing::user("bob", "pw", "bob@localhost", None).unwrap();
+    let users = testing::users_file(&dir.path().join("users.yaml"), vec![bob])
         .await
         .unwrap();
     let accounts = Accounts::new(store, Arc::new(users));

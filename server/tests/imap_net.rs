@@ -8,13 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_server::crypto::{Argon2Params, UserSecrets};
 use tern_server::imap::{ImapConfig, ImapServer, Listen};
 use tern_server::mail::account::Accounts;
 use tern_server::net::throttle::ThrottleConfig;
 use tern_server::net::{ProxyPolicy, TlsFiles, TlsProvider};
-use tern_server::storage::{StorageConfig, Store};
-use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
+use tern_server::testing;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -29,35 +27,12 @@ struct Env {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StorageConfig::Local {
-        path: dir.path().join("store"),
-    })
-    .await
-    .unwrap();
-    let users = YamlDirectory::open(dir.path().join("users.yaml"))
+    let store = testing::local_store(dir.path()).await.unwrap();
+    let people = ["bob", "carol"]
+        .map(|name| testing::user(name, "pw", &format!("{name}@localhost"), None).unwrap());
+    let users = testing::users_file(&dir.path().join("users.yaml"), people.into())
         .await
         .unwrap();
-    let cheap = Argon2Params {
-        memory_kib: 256,
-        iterations: 1,
-        parallelism: 1,
-    };
-    for name in ["bob", "carol"] {
-        let (keys, _, _) = UserSecrets::create("pw", cheap, false).unwrap();
-        users
-            .put(
-                User {
-                    name: name.into(),
-                    id: UserId::generate(),
-                    addresses: vec![format!("{name}@localhost")],
-                    quota_bytes: None,
-                    keys,
-                },
-                false,
-            )
-            .await
-            .unwrap();
-    }
     Env {
         accounts: Accounts::new(store, Arc::new(users)),
         dir,

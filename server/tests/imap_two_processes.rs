@@ -6,13 +6,11 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_server::config::{Config, ImapSection, ListenTls, Listener, LmtpSection, UsersConfig};
-use tern_server::crypto::{Argon2Params, UserSecrets};
 use tern_server::storage::StorageConfig;
-use tern_server::users::{User, UserDirectory, UserId, YamlDirectory};
+use tern_server::testing;
 use tern_tests::garage::Garage;
 
 fn say(message: &str) {
@@ -79,27 +77,8 @@ async fn idle_on_one_server_sees_writes_made_through_another() {
     let garage = Garage::single().await.expect("garage");
     let dir = tempfile::tempdir().unwrap();
     let users_file = dir.path().join("users.yaml");
-    let users = YamlDirectory::open(&users_file).await.unwrap();
-    let cheap = Argon2Params {
-        memory_kib: 256,
-        iterations: 1,
-        parallelism: 1,
-    };
-    let (keys, _, _) = UserSecrets::create("pw", cheap, false).unwrap();
-    users
-        .put(
-            User {
-                name: "bob".into(),
-                id: UserId::generate(),
-                addresses: vec!["bob@example.org".into()],
-                quota_bytes: None,
-                keys,
-            },
-            false,
-        )
-        .await
-        .unwrap();
-    drop(Arc::new(users));
+    let bob = testing::user("bob", "pw", "bob@example.org", None).unwrap();
+    testing::users_file(&users_file, vec![bob]).await.unwrap();
 
     // The file is written from the server's own config types.
     let config = Config {

@@ -9,10 +9,10 @@ use super::ImapConfig;
 use super::input::Input;
 use super::output::Out;
 use super::session::{Context, Flow, Session};
-use crate::crypto::{Argon2Params, UserSecrets};
 use crate::mail::account::Accounts;
-use crate::storage::{StorageConfig, Store};
-use crate::users::{User, UserDirectory, UserId, YamlDirectory};
+use crate::storage::Store;
+use crate::testing;
+use crate::users::UserId;
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -36,32 +36,10 @@ fn config() -> ImapConfig {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StorageConfig::Local {
-        path: dir.path().join("store"),
-    })
-    .await
-    .unwrap();
-    let users = YamlDirectory::open(dir.path().join("users.yaml"))
-        .await
-        .unwrap();
-    let cheap = Argon2Params {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    let (keys, _, _) = UserSecrets::create("secret", cheap, false).unwrap();
-    let user_id = UserId::generate();
-    users
-        .put(
-            User {
-                name: "alice".into(),
-                id: user_id.clone(),
-                addresses: vec!["alice@localhost".into()],
-                quota_bytes: None,
-                keys,
-            },
-            false,
-        )
+    let store = testing::local_store(dir.path()).await.unwrap();
+    let alice = testing::user("alice", "secret", "alice@localhost", None).unwrap();
+    let user_id = alice.id.clone();
+    let users = testing::users_file(&dir.path().join("users.yaml"), vec![alice])
         .await
         .unwrap();
     let accounts = Accounts::new(store.clone(), Arc::new(users));

@@ -9,10 +9,8 @@ use super::ImapConfig;
 use super::input::{Event, Input};
 use super::output::Out;
 use super::session::{Context, Flow, Session};
-use crate::crypto::{Argon2Params, UserSecrets};
 use crate::mail::account::Accounts;
-use crate::storage::{StorageConfig, Store};
-use crate::users::{User, UserDirectory, UserId, YamlDirectory};
+use crate::testing;
 
 /// What the network layer reads at once (`server.rs`).
 const READ: usize = 8 * 1024;
@@ -36,31 +34,9 @@ struct Client {
 impl Client {
     async fn logged_in() -> Client {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StorageConfig::Local {
-            path: dir.path().join("store"),
-        })
-        .await
-        .unwrap();
-        let users = YamlDirectory::open(dir.path().join("users.yaml"))
-            .await
-            .unwrap();
-        let cheap = Argon2Params {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
-        let (keys, _, _) = UserSecrets::create("secret", cheap, false).unwrap();
-        users
-            .put(
-                User {
-                    name: "alice".into(),
-                    id: UserId::generate(),
-                    addresses: vec!["alice@localhost".into()],
-                    quota_bytes: None,
-                    keys,
-                },
-                false,
-            )
+        let store = testing::local_store(dir.path()).await.unwrap();
+        let alice = testing::user("alice", "secret", "alice@localhost", None).unwrap();
+        let users = testing::users_file(&dir.path().join("users.yaml"), vec![alice])
             .await
             .unwrap();
         let config = config();

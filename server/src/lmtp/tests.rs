@@ -10,10 +10,9 @@ use tokio::net::TcpStream;
 use super::LmtpConfig;
 use super::input::Input;
 use super::session::{Context, Flow, Session};
-use crate::crypto::{Argon2Params, UserSecrets};
 use crate::mail::account::Accounts;
-use crate::storage::{StorageConfig, Store};
-use crate::users::{User, UserDirectory, UserId, YamlDirectory};
+use crate::testing;
+use crate::users::YamlDirectory;
 
 struct Env {
     dir: tempfile::TempDir,
@@ -24,38 +23,17 @@ struct Env {
 /// team@example.org → alice, bob; example.net's catch-all is bob.
 async fn env(bob_quota: Option<u64>) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StorageConfig::Local {
-        path: dir.path().join("store"),
-    })
-    .await
-    .unwrap();
+    let store = testing::local_store(dir.path()).await.unwrap();
     let path = dir.path().join("users.yaml");
-    let users = YamlDirectory::open(&path).await.unwrap();
-    let cheap = Argon2Params {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
-    for (name, address, quota) in [
+    let people = [
         ("alice", "alice@example.org", None),
         ("bob", "bob@example.net", bob_quota),
         ("carol", "carol@example.org", None),
-    ] {
-        let (keys, _, _) = UserSecrets::create("secret", cheap, false).unwrap();
-        users
-            .put(
-                User {
-                    name: name.into(),
-                    id: UserId::generate(),
-                    addresses: vec![address.into()],
-                    quota_bytes: quota,
-                    keys,
-                },
-                false,
-            )
-            .await
-            .unwrap();
-    }
+    ]
+    .into_iter()
+    .map(|(name, address, quota)| testing::user(name, "secret", address, quota).unwrap())
+    .collect();
+    testing::users_file(&path, people).await.unwrap();
     let mut text = tokio::fs::read_to_string(&path).await.unwrap();
     text.push_str(
         "aliases:\n- address: Team@Example.org\n  to: [alice, bob]\ncatch_all:\n  example.net: bob\n",

@@ -620,9 +620,8 @@ fn internal_date(now_ms: u64) -> InternalDate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Argon2Params, UserSecrets};
-    use crate::storage::{StorageConfig, Store};
-    use crate::users::{UserDirectory, YamlDirectory};
+    use crate::testing;
+    use crate::users::UserDirectory;
 
     struct Env {
         _dir: tempfile::TempDir,
@@ -632,31 +631,9 @@ mod tests {
 
     async fn env(quota: Option<u64>) -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StorageConfig::Local {
-            path: dir.path().join("store"),
-        })
-        .await
-        .unwrap();
-        let users = YamlDirectory::open(dir.path().join("users.yaml"))
-            .await
-            .unwrap();
-        let cheap = Argon2Params {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
-        let (keys, _, _) = UserSecrets::create("secret", cheap, false).unwrap();
-        users
-            .put(
-                User {
-                    name: "alice".into(),
-                    id: UserId::generate(),
-                    addresses: vec!["alice@example.org".into()],
-                    quota_bytes: quota,
-                    keys,
-                },
-                false,
-            )
+        let store = testing::local_store(dir.path()).await.unwrap();
+        let alice = testing::user("alice", "secret", "alice@example.org", quota).unwrap();
+        let users = testing::users_file(&dir.path().join("users.yaml"), vec![alice])
             .await
             .unwrap();
         let alice = users.user("alice").await.unwrap().unwrap();
